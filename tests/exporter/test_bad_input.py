@@ -1,0 +1,126 @@
+"""Every bad input: exit code, one-line message naming problem and fix, and an untouched output location."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers as tf
+
+from layerpair.cli import main
+from layerpair.exporter import loading
+
+
+def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], code: int, *needles: str) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    line = err[-1]
+    assert line.startswith("error: ") and " — " in line, err  # problem — fix
+    for n in needles:
+        assert n in line, line
+    return line
+
+
+def test_missing_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _fails(capsys, [str(tmp_path / "nope" / "model.gguf"), "-o", str(out)], 2, "not found")
+    assert not out.exists()
+
+
+def test_corrupt_gguf(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00garbage" * 100)
+    out = tmp_path / "out"
+    _fails(capsys, [str(bad), "-o", str(out)], 2, "broken.gguf")
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_corrupt_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama", ')
+    _fails(capsys, [str(d), "-o", str(tmp_path / "out")], 2, "config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    d = tmp_path / "ckpt"
+    tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4).save_pretrained(d)
+    _fails(capsys, [str(d), "-o", str(tmp_path / "out")], 2, "cannot load the weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_gguf_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    _fails(capsys, [str(f), "-o", str(tmp_path / "out")], 2, "not a .gguf")
+
+
+def test_unsupported_architecture(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    d = tmp_path / "gpt2"
+    tf.GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(d)
+    line = _fails(capsys, [str(d), "-o", str(tmp_path / "out")], 2, "gpt2", "llama", "mistral", "qwen2", "qwen3")
+    assert "supported" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["20:23", "3-5", "a-b", "1-2,2-3"])
+def test_bad_pair_spec_fails_before_loading(capsys: pytest.CaptureFixture[str], tmp_path: Path, spec: str) -> None:
+    # The model path does not even exist: syntax errors must be reported before any loading.
+    _fails(
+        capsys,
+        ["does-not-matter/none", "--pairs", spec, "-o", str(tmp_path / "out")],
+        2,
+        "--pairs" if spec == "a-b" else "",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_pair_out_of_range_after_loading(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    out = tmp_path / "deep" / "out"
+    _fails(capsys, [str(tiny_checkpoints["llama"]), "--pairs", "2:6", "-o", str(out)], 2, "out of range", "4 layers")
+    assert not out.exists() and not (tmp_path / "deep").exists()  # created parents removed too
+
+
+def test_existing_output_refused_then_forced(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(capsys, [str(tiny_checkpoints["llama"]), "-o", str(out)], 2, "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main([str(tiny_checkpoints["llama"]), "-o", str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and json.loads((out / "report.json").read_text())["depth"] == 4
+
+
+def test_unwritable_output(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails(capsys, ["smollm2-135m", "-o", str(blocker / "out")], 2, "not a directory")
+    assert blocker.read_text() == "x"
+
+
+def test_hub_id_without_network(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _fails(capsys, ["someorg/some-model", "-o", str(tmp_path / "out")], 2, "someorg/some-model", "Hugging Face Hub")
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_failure_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    """An impossible tolerance forces the real failure path: exit 3, nothing written."""
+    out = tmp_path / "out"
+    _fails(capsys, [str(tiny_checkpoints["llama"]), "-o", str(out), "--atol", "1e-30"], 3, "disagrees")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_bad_atol(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _fails(capsys, ["smollm2-135m", "-o", str(tmp_path / "out"), "--atol", "-1"], 2, "--atol")
