@@ -1,0 +1,31 @@
+"""Graph passes: rewrite each layer pair's two parallel branches into one wide fused layer.
+
+``merge_pairs(model, arch, pairs)`` runs the pipeline (see ``merge.pair_passes``); each pass is an
+``onnx_ir`` in-place pass in its own module and counts how often it fired.
+"""
+
+from layerpair.graph_passes.base import CountingPass, GraphPassError
+from layerpair.graph_passes.cleanup import CleanupPass
+from layerpair.graph_passes.fold_norm_scales import FoldNormScalesPass
+from layerpair.graph_passes.merge import MATMULS_SAVED_PER_PAIR, merge_pairs, pair_passes, save_model
+from layerpair.graph_passes.merge_attention import MergeAttentionPass
+from layerpair.graph_passes.merge_reducing_matmuls import MergeReducingMatMulsPass
+from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
+from layerpair.graph_passes.ort_target import OrtFusionPass
+from layerpair.graph_passes.share_norm import ShareRMSNormPass
+
+__all__ = [
+    "MATMULS_SAVED_PER_PAIR",
+    "CleanupPass",
+    "CountingPass",
+    "FoldNormScalesPass",
+    "GraphPassError",
+    "MergeAttentionPass",
+    "MergeReducingMatMulsPass",
+    "MergeSiblingMatMulsPass",
+    "OrtFusionPass",
+    "ShareRMSNormPass",
+    "merge_pairs",
+    "pair_passes",
+    "save_model",
+]

@@ -1,0 +1,192 @@
+"""Shared pieces of the graph passes: a counting in-place pass base and small structural helpers.
+
+Every pass is an ``onnx_ir.passes.InPlacePass`` that counts how often it fired (``fired``), so the export
+report can say which rewrites happened. Helpers here only *read* structure (producers, consumers, constants);
+no helper looks at initializer names — names carry no meaning for correctness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from layerpair.errors import LayerpairError
+
+INT64_MAX = 2**63 - 1
+
+
+class GraphPassError(LayerpairError):
+    """A graph pass met a graph it cannot rewrite safely (the export is not written)."""
+
+
+class CountingPass(ir.passes.InPlacePass):
+    """In-place pass that records how many times its rewrite fired (``fired``, reset on every call)."""
+
+    #: Report key; subclasses override.
+    name = "pass"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fired = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.fired = 0
+        self.rewrite(model.graph)
+        if self.fired:
+            model.graph.sort()  # new nodes are appended; restore topological order
+        return ir.passes.PassResult(model, modified=self.fired > 0)
+
+    def rewrite(self, graph: ir.Graph) -> None:
+        raise NotImplementedError
+
+
+# ---- reading structure ---------------------------------------------------------------------------
+
+
+def producer(v: ir.Value | None, op_type: str | None = None) -> ir.Node | None:
+    """The node producing ``v`` (optionally only if it is ``op_type`` in the default domain)."""
+    if v is None:
+        return None
+    node = v.producer()
+    if node is None or (op_type is not None and (node.op_type != op_type or node.domain not in ("", "ai.onnx"))):
+        return None
+    return node
+
+
+def const(v: ir.Value | None) -> np.ndarray | None:
+    """Value of a small constant (initializer or Constant node output), else None."""
+    if v is None:
+        return None
+    if v.const_value is not None:
+        return v.const_value.numpy()
+    node = producer(v, "Constant")
+    if node is not None and "value" in node.attributes:
+        t = node.attributes["value"].as_tensor()
+        return t.numpy()
+    return None
+
+
+def is_weight(v: ir.Value | None, graph: ir.Graph, rank: int | None = None) -> bool:
+    """True if ``v`` is an initializer (not a graph input) with known data and the given rank."""
+    if v is None or v.const_value is None or v.is_graph_input() or v.name not in graph.initializers:
+        return False
+    return rank is None or len(v.const_value.shape) == rank
+
+
+def single_use(v: ir.Value, graph: ir.Graph) -> bool:
+    """Exactly one use, and not a graph output (so rewiring its one consumer cannot change the signature)."""
+    return len(v.uses()) == 1 and not v.is_graph_output()
+
+
+def consumers_of(v: ir.Value) -> list[ir.Node]:
+    return list(dict.fromkeys(u.node for u in v.uses()))
+
+
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return int(a.as_int()) if a is not None else default
+
+
+def attr_ints(node: ir.Node, name: str) -> tuple[int, ...] | None:
+    a = node.attributes.get(name)
+    return tuple(a.as_ints()) if a is not None else None
+
+
+def tshape(t: ir.TensorProtocol) -> tuple[int, ...]:
+    """A tensor's (always static) shape as ints."""
+    return tuple(int(d) for d in t.shape.numpy())
+
+
+def scalar(v: ir.Value | None) -> float | None:
+    arr = const(v)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+# ---- building ------------------------------------------------------------------------------------
+
+
+def lazy_initializer(
+    graph: ir.Graph, name: str, fn: Callable[[], np.ndarray], dtype: ir.DataType, shape: Sequence[int]
+) -> ir.Value:
+    """Register an initializer whose data is computed only when read (saving streams it to disk).
+
+    Keeps external data lazy: a concatenated or scaled weight is never held next to its sources in memory
+    before the model is written.
+    """
+    tensor = ir.LazyTensor(lambda: ir.tensor(fn()), dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+    value = ir.Value(name=unique_name(graph, name), type=ir.TensorType(dtype), shape=ir.Shape(list(shape)))
+    value.const_value = tensor
+    graph.register_initializer(value)
+    return value
+
+
+def small_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """An initializer for a small constant (shapes, axes, scalars)."""
+    t = ir.tensor(array)
+    value = ir.Value(name=unique_name(graph, name), type=ir.TensorType(t.dtype), shape=ir.Shape(list(tshape(t))))
+    value.const_value = t
+    graph.register_initializer(value)
+    return value
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    taken = graph.initializers
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
+def node(op_type: str, inputs: Sequence[ir.Value | None], name: str, num_outputs: int = 1, **attrs: Any) -> ir.Node:
+    """A default-domain node with named outputs ``name`` (or ``name_i``)."""
+    n = ir.Node(
+        "",
+        op_type,
+        inputs,
+        attributes=ir.convenience.convert_attributes(attrs) if attrs else (),  # type: ignore[arg-type]
+        num_outputs=num_outputs,
+        name=name,
+    )
+    for i, out in enumerate(n.outputs):
+        out.name = name if num_outputs == 1 else f"{name}_{i}"
+    return n
+
+
+def float_param_count(graph: ir.Graph) -> int:
+    """Elements in floating-point initializers (the model's parameters), read from shapes, not data."""
+    total = 0
+    for v in graph.initializers.values():
+        t = v.const_value
+        if t is not None and t.dtype.is_floating_point():
+            total += int(np.prod(tshape(t), dtype=np.int64))
+    return total
+
+
+def remove_if_dead(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
+    """Remove those of ``nodes`` whose outputs are unused (repeating until none is left), then the
+    initializers they alone read."""
+    pending = list(dict.fromkeys(nodes))
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if n.graph is not graph:
+                pending.remove(n)
+                continue
+            if any(o.uses() or o.is_graph_output() for o in n.outputs):
+                continue
+            inputs = list(n.inputs)
+            graph.remove(n, safe=True)
+            pending.remove(n)
+            changed = True
+            for v in inputs:
+                if v is not None and v.name is not None and v.name in graph.initializers and not v.uses():
+                    if not v.is_graph_output():
+                        del graph.initializers[v.name]

@@ -1,0 +1,122 @@
+"""``merge_pairs``: rewrite each pair's two branches into one wide layer, and report what changed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from layerpair.arch import ArchSpec
+from layerpair.graph_passes.base import CountingPass, GraphPassError, float_param_count
+from layerpair.graph_passes.cleanup import CleanupPass
+from layerpair.graph_passes.fold_norm_scales import FoldNormScalesPass
+from layerpair.graph_passes.merge_attention import MergeAttentionPass
+from layerpair.graph_passes.merge_reducing_matmuls import MergeReducingMatMulsPass
+from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
+from layerpair.graph_passes.share_norm import ShareRMSNormPass
+from layerpair.iospec import IOSpec
+
+#: MatMuls one pair loses: 2 x (q, k, v, QK, PV, o, gate, up, down) = 18 become
+#: QKV, QK, PV, o, gate/up, down = 6.
+MATMULS_SAVED_PER_PAIR = 12
+TWO_GB = 2**31
+
+
+def pair_passes(arch: ArchSpec, pairs: Sequence[tuple[int, int]], cleanup: bool = True) -> list[CountingPass]:
+    """The pair-merge pipeline, in order. Sibling merging is scoped to the activations the pairs share."""
+    fold = FoldNormScalesPass(shared_only=True)
+    passes: list[CountingPass] = [
+        ShareRMSNormPass(),
+        fold,
+        MergeAttentionPass(arch, pairs),
+        MergeSiblingMatMulsPass(scope=fold.activations),
+        MergeReducingMatMulsPass(),
+    ]
+    if cleanup:
+        passes.append(CleanupPass())
+    return passes
+
+
+def count_ops(graph: ir.Graph, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in graph)
+
+
+def merge_pairs(
+    model: ir.Model | str | Path, arch: ArchSpec, pairs: Sequence[tuple[int, int]]
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Merge every pair of ``model`` (an ``ir.Model`` — modified in place — or a path, loaded lazily).
+
+    Returns the model and a report: ``passes`` {name: times fired}, node/MatMul counts before and after,
+    ``parameters`` {before, after, folded_norm_scales, equal}, ``seconds`` (load included) and
+    ``pass_seconds`` {name: seconds}. Raises ``GraphPassError`` when the
+    result's inputs/outputs are not ``IOSpec.for_model(arch, pairs, merged=True)`` or a count is off.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, ir.Model):
+        model = ir.load(str(model))
+    g = model.graph
+    nodes_before, matmuls_before = len(g), count_ops(g, "MatMul")
+    passes = pair_passes(arch, pairs)
+    if not pairs:  # nothing to merge: an unpaired model comes back exactly as it went in
+        passes = []
+    params_before = float_param_count(g)
+    fired: dict[str, int] = {p.name: 0 for p in pair_passes(arch, pairs)}
+    folded = 0
+    seconds: dict[str, float] = {}
+    for p in passes:
+        if isinstance(p, CleanupPass) and not any(fired.values()):
+            continue  # nothing merged: leave the model exactly as it came
+        t = time.perf_counter()
+        p(model)
+        fired[p.name] = p.fired
+        seconds[p.name] = round(time.perf_counter() - t, 3)
+        if isinstance(p, FoldNormScalesPass):
+            folded = p.folded_parameters
+    params_after = float_param_count(g)
+    spec = IOSpec.for_model(arch, pairs, merged=True)
+    _check_io(model, spec)
+    report: dict[str, Any] = {
+        "passes": fired,
+        "nodes_before": nodes_before,
+        "nodes_after": len(g),
+        "matmuls_before": matmuls_before,
+        "matmuls_after": count_ops(g, "MatMul"),
+        "matmuls_expected_after": matmuls_before - MATMULS_SAVED_PER_PAIR * len(pairs),
+        "parameters": {
+            "before": params_before,
+            "after": params_after,
+            "folded_norm_scales": folded,
+            "equal": params_before == params_after + folded,
+        },
+        "seconds": round(time.perf_counter() - t0, 3),
+        "pass_seconds": seconds,
+    }
+    if not report["parameters"]["equal"]:
+        raise GraphPassError(
+            f"parameter count changed from {params_before} to {params_after} (+{folded} folded) while merging",
+            "report this model as a bug, or export with --no-merge",
+        )
+    return model, report
+
+
+def _check_io(model: ir.Model, spec: IOSpec) -> None:
+    got_in = [v.name for v in model.graph.inputs]
+    got_out = [v.name for v in model.graph.outputs]
+    if got_in != spec.input_names or got_out != spec.output_names:
+        missing = sorted(set(spec.input_names + spec.output_names) - set(got_in + got_out))
+        raise GraphPassError(
+            "merged graph does not have the merged I/O spec's inputs/outputs"
+            + (f" (missing {', '.join(missing[:4])})" if missing else ""),
+            "a pair's attention did not match the exporter's structure; export with --no-merge and report it",
+        )
+
+
+def save_model(model: ir.Model, path: Path, external_data: bool | None = None) -> None:
+    """Write ``model``; weights to ``<name>.data`` when asked, or automatically at >= 2 GB."""
+    if external_data is None:
+        external_data = float_param_count(model.graph) * 4 >= TWO_GB
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, str(path), external_data=path.name + ".data" if external_data else None)

@@ -1,0 +1,433 @@
+"""MergeAttentionPass: a pair's two attention sub-graphs become one attention over 2H / 2·KVH heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from layerpair.arch import ArchSpec
+from layerpair.graph_passes.base import (
+    INT64_MAX,
+    CountingPass,
+    GraphPassError,
+    attr_int,
+    attr_ints,
+    const,
+    consumers_of,
+    node,
+    producer,
+    scalar,
+    small_initializer,
+)
+from layerpair.graph_passes.patterns import UnitRMSNorm, match_rmsnorm, match_rotary
+from layerpair.iospec import IOSpec
+
+
+@dataclass(frozen=True)
+class _Norm:
+    unit: UnitRMSNorm  # its eps, casts (16-bit graphs compute it in fp32) and constants
+    scale: ir.Value | None  # [D] per-head scale (Qwen3 q_norm / k_norm)
+
+    @property
+    def key(self) -> tuple[float, int | None, int | None, bool]:
+        return (self.unit.eps, self.unit.compute_cast, self.unit.out_cast, self.scale is None)
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """What one branch's attention reads and produces (matched structurally, see ``match_attention``)."""
+
+    q_lin: ir.Value  # [B,S,H*D]
+    k_lin: ir.Value  # [B,S,KVH*D]
+    v_lin: ir.Value  # [B,S,KVH*D]
+    q_norm: _Norm | None
+    k_norm: _Norm | None
+    cos: ir.Value  # [B,1,S,D]
+    sin: ir.Value
+    scale: ir.Value  # scalar
+    keep: ir.Value  # bool mask, broadcastable to [B,KVH,G,S,T]
+    fill: ir.Value  # scalar written where keep is false
+    ctx: ir.Value  # [B,S,H*D], the input of o_proj
+    scores_cast: int | None  # 16-bit graphs: scores cast to fp32 before masking ...
+    probs_cast: int | None  # ... and probabilities cast back after the softmax
+    past_k: ir.Value
+    past_v: ir.Value
+    present_k: ir.Value
+    present_v: ir.Value
+
+
+def _heads_from(t: ir.Value | None) -> tuple[ir.Value, _Norm | None] | None:
+    """``Transpose(0,2,1,3)`` of ``Reshape(lin)`` or of ``RMSNorm(Reshape(lin))`` -> (lin, norm)."""
+    tr = producer(t, "Transpose")
+    if tr is None or attr_ints(tr, "perm") != (0, 2, 1, 3):
+        return None
+    src = tr.inputs[0]
+    norm = None
+    rms = match_rmsnorm(src) if src is not None else None
+    if rms is not None:
+        norm = _Norm(rms.unit, rms.scale)
+        src = rms.unit.x
+    rs = producer(src, "Reshape")
+    if rs is None or rs.inputs[0] is None:
+        return None
+    return rs.inputs[0], norm
+
+
+def match_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, present_v: ir.Value) -> _Attention | None:
+    """Match the exporter's decomposed attention of one layer from its cache inputs and outputs.
+
+    ``present = Concat(past, new, axis=2)``; scores ``= (Reshape(rot(q)) @ Transpose(Unsqueeze(present_k)))
+    * scale``, masked by ``Where(keep, scores, fill)``, ``Softmax``, ``@ Unsqueeze(present_v)``, then
+    Reshape/Transpose/Reshape to the context that o_proj reads.
+    """
+    cat_k, cat_v = producer(present_k, "Concat"), producer(present_v, "Concat")
+    if cat_k is None or cat_v is None or attr_int(cat_k, "axis", 0) != 2 or attr_int(cat_v, "axis", 0) != 2:
+        return None
+    if list(cat_k.inputs)[:1] != [past_k] or list(cat_v.inputs)[:1] != [past_v] or len(cat_k.inputs) != 2:
+        return None
+    rot_k = match_rotary(cat_k.inputs[1]) if cat_k.inputs[1] is not None else None
+    k_src = _heads_from(rot_k.t) if rot_k else None
+    v_src = _heads_from(cat_v.inputs[1])
+    if rot_k is None or k_src is None or v_src is None or v_src[1] is not None:
+        return None
+    # present_k -> Unsqueeze(2) -> Transpose(0,1,2,4,3) -> MatMul(q5, kT)
+    scores_mm = None
+    for u in consumers_of(present_k):
+        if u.op_type == "Unsqueeze" and (const(u.inputs[1]) is not None) and const(u.inputs[1]).tolist() == [2]:  # type: ignore[union-attr]
+            for tr in consumers_of(u.outputs[0]):
+                if tr.op_type == "Transpose" and attr_ints(tr, "perm") == (0, 1, 2, 4, 3):
+                    for mm in consumers_of(tr.outputs[0]):
+                        if mm.op_type == "MatMul" and mm.inputs[1] is tr.outputs[0]:
+                            scores_mm = mm
+    if scores_mm is None:
+        return None
+    chain = _single_chain(
+        scores_mm.outputs[0], ["Mul", "Cast?", "Where", "Softmax", "Cast?", "MatMul", "Reshape", "Transpose", "Reshape"]
+    )
+    if chain is None:
+        return None
+    mul, cast_in, where, softmax, cast_out, pv_mm, _, tr2, rs2 = chain
+    assert mul is not None and where is not None and softmax is not None and pv_mm is not None
+    assert tr2 is not None and rs2 is not None
+    scale = mul.inputs[1] if mul.inputs[0] is scores_mm.outputs[0] else mul.inputs[0]
+    if scalar(scale) is None or where.inputs[1] is not (cast_in or mul).outputs[0]:
+        return None
+    if attr_int(softmax, "axis", -1) != -1 or pv_mm.inputs[0] is not (cast_out or softmax).outputs[0]:
+        return None
+    if attr_ints(tr2, "perm") != (0, 2, 1, 3):
+        return None
+    unsq_v = producer(pv_mm.inputs[1], "Unsqueeze")
+    if unsq_v is None or unsq_v.inputs[0] is not present_v or (const(unsq_v.inputs[1]) is None):
+        return None
+    q5 = producer(scores_mm.inputs[0], "Reshape")
+    rot_q = match_rotary(q5.inputs[0]) if q5 is not None and q5.inputs[0] is not None else None
+    q_src = _heads_from(rot_q.t) if rot_q else None
+    if rot_q is None or q_src is None or rot_q.cos is not rot_k.cos or rot_q.sin is not rot_k.sin:
+        return None
+    keep, fill = where.inputs[0], where.inputs[2]
+    if keep is None or fill is None or scale is None or scalar(fill) is None:
+        return None
+    return _Attention(
+        q_lin=q_src[0],
+        k_lin=k_src[0],
+        v_lin=v_src[0],
+        q_norm=q_src[1],
+        k_norm=k_src[1],
+        cos=rot_q.cos,
+        sin=rot_q.sin,
+        scale=scale,
+        keep=keep,
+        fill=fill,
+        ctx=rs2.outputs[0],
+        scores_cast=attr_int(cast_in, "to", 0) if cast_in else None,
+        probs_cast=attr_int(cast_out, "to", 0) if cast_out else None,
+        past_k=past_k,
+        past_v=past_v,
+        present_k=present_k,
+        present_v=present_v,
+    )
+
+
+def _single_chain(v: ir.Value, ops: Sequence[str]) -> list[ir.Node | None] | None:
+    """Follow single-consumer edges through ``ops`` in order; ``"Op?"`` is optional (None when absent)."""
+    out: list[ir.Node | None] = []
+    for op in ops:
+        users = consumers_of(v)
+        optional = op.endswith("?")
+        if len(users) != 1 or v.is_graph_output():
+            return None
+        if users[0].op_type != op.rstrip("?"):
+            if optional:
+                out.append(None)
+                continue
+            return None
+        out.append(users[0])
+        v = users[0].outputs[0]
+    return out
+
+
+class MergeAttentionPass(CountingPass):
+    """Merge a pair's attentions into one wide attention.
+
+    Pattern, for pair (a, b) sharing positions (cos, sin), mask (keep, fill) and scale::
+
+        ctx_a = Attn(q_a, k_a, v_a; past_a),  ctx_b = Attn(q_b, k_b, v_b; past_b)
+            ==>
+        [ctx_a | ctx_b] = Attn([q_a | q_b], [k_a | k_b], [v_a | v_b]; past_ab)   over 2H / 2·KVH heads
+
+    Heads of a come first, then heads of b, for q and for k/v, so the grouped-query map q-head h ->
+    kv-head h // G is the same on the wide tensors. Rotary runs once on the wide q and k; Qwen3's q/k norm
+    runs per head with each branch's scale (a [2,1,D] scale on a [B,S,2,H,D] view — no weight copied).
+    The cache slot becomes ``past_key_values.{a}_{b}.key|value`` / ``present.{a}_{b}.key|value`` with
+    2·KVH heads, at the position of a's slot (see ``layerpair.iospec``). The wide q/k/v are Concats of the
+    branch projections, which ``MergeSiblingMatMulsPass`` then turns into one QKV MatMul; the per-branch
+    contexts are a Split that ``MergeReducingMatMulsPass`` folds into one o_proj.
+
+    Must not fire when: either branch does not match the exporter's attention structure; the branches use
+    different cos/sin, mask, fill or scale (e.g. different sliding windows); q/k norm on one branch only or
+    with different eps. (The pass then leaves the pair alone; ``merge_pairs`` reports the unmerged slot.)
+
+    Invariant: same function; parameter count unchanged. Fires once per merged pair.
+    """
+
+    name = "merge_attention"
+
+    def __init__(self, arch: ArchSpec, pairs: Sequence[tuple[int, int]]) -> None:
+        super().__init__()
+        self.arch = arch
+        self.pairs = tuple(pairs)
+
+    def rewrite(self, graph: ir.Graph) -> None:
+        unmerged = IOSpec.for_model(self.arch, (), merged=False)
+        merged = IOSpec.for_model(self.arch, self.pairs, merged=True)
+        inputs = {v.name: v for v in graph.inputs}
+        outputs = {v.name: v for v in graph.outputs}
+        slots = {s.layers[0]: s for s in unmerged.slots}
+        for a, b in self.pairs:
+            names = [
+                (slots[i].past_key, slots[i].past_value, slots[i].present_key, slots[i].present_value) for i in (a, b)
+            ]
+            if any(
+                n[0] not in inputs or n[1] not in inputs or n[2] not in outputs or n[3] not in outputs for n in names
+            ):
+                continue
+            att = [match_attention(inputs[n[0]], inputs[n[1]], outputs[n[2]], outputs[n[3]]) for n in names]
+            A, B = att
+            if A is None or B is None or not _compatible(A, B) or not _independent(A, B):
+                continue
+            if not (_widths_ok(A, self.arch) and _widths_ok(B, self.arch)):
+                continue
+            slot = next(s for s in merged.slots if s.layers == (a, b))
+            dims = {t.name: t.dims for t in [*merged.inputs, *merged.outputs]}  # the one I/O spec's dims
+            self._merge(graph, A, B, slot.past_key, slot.past_value, slot.present_key, slot.present_value, dims)
+            self.fired += 1
+
+    def _merge(
+        self,
+        graph: ir.Graph,
+        A: _Attention,
+        B: _Attention,
+        past_k_name: str,
+        past_v_name: str,
+        present_k_name: str,
+        present_v_name: str,
+        dims: dict[str, tuple[int | str, ...]],
+    ) -> None:
+        arch = self.arch
+        H2, KV2, D, G = 2 * arch.num_heads, 2 * arch.num_kv_heads, arch.head_dim, arch.num_groups
+        p = f"lp_attn_{past_k_name}"
+        nodes: list[ir.Node] = []
+
+        def op(op_type: str, inputs: Sequence[ir.Value | None], suffix: str, **attrs: Any) -> ir.Value:
+            nodes.append(node(op_type, inputs, f"{p}/{suffix}", **attrs))
+            return nodes[-1].outputs[0]
+
+        def c(suffix: str, arr: np.ndarray) -> ir.Value:
+            return small_initializer(graph, f"{p}.{suffix}", arr)
+
+        i64 = np.int64
+
+        def heads(lin_a: ir.Value, lin_b: ir.Value, n: int, na: _Norm | None, nb: _Norm | None, s: str) -> ir.Value:
+            wide = op("Concat", [lin_a, lin_b], f"{s}_wide", axis=-1)  # [B,S,2*n*D]
+            if na is None or nb is None:
+                x4 = op("Reshape", [wide, c(f"{s}_shape", np.array([0, 0, 2 * n, D], i64))], f"{s}_heads")
+            else:
+                # Per-head RMSNorm with each branch's own scale: view [B,S,2,n,D], scale [2,1,D].
+                u = na.unit  # same ops, casts and constants as the branch's own norm
+                x5 = op("Reshape", [wide, c(f"{s}_shape5", np.array([0, 0, 2, n, D], i64))], f"{s}_heads5")
+                if u.compute_cast is not None:
+                    x5 = op("Cast", [x5], f"{s}_up", to=u.compute_cast)
+                sq = op("Pow", [x5, u.two], f"{s}_sq")
+                ms = op("ReduceMean", [sq, c(f"{s}_axes", np.array([-1], i64))], f"{s}_ms", keepdims=1)
+                rms = op("Sqrt", [op("Add", [ms, u.eps_value], f"{s}_mse")], f"{s}_rms")
+                xn = op("Mul", [x5, op("Reciprocal", [rms], f"{s}_inv")], f"{s}_unit")
+                if u.out_cast is not None:
+                    xn = op("Cast", [xn], f"{s}_down", to=u.out_cast)
+                if na.scale is not None and nb.scale is not None:
+                    ga, gb = na.scale.const_value, nb.scale.const_value
+                    assert ga is not None and gb is not None
+                    g = c(f"{s}_norm_scale", np.stack([ga.numpy().reshape(-1), gb.numpy().reshape(-1)])[:, None, :])
+                    xn = op("Mul", [xn, g], f"{s}_scaled")
+                x4 = op("Reshape", [xn, c(f"{s}_shape", np.array([0, 0, 2 * n, D], i64))], f"{s}_heads")
+            return op("Transpose", [x4], f"{s}_t", perm=[0, 2, 1, 3])  # [B,2n,S,D]
+
+        def rotary(t: ir.Value, s: str) -> ir.Value:
+            half = D // 2
+            hi = op(
+                "Slice",
+                [
+                    t,
+                    c(f"{s}_h", np.array([half], i64)),
+                    c(f"{s}_end", np.array([INT64_MAX], i64)),
+                    c(f"{s}_ax", np.array([3], i64)),
+                ],
+                f"{s}_hi",
+            )
+            lo = op(
+                "Slice",
+                [
+                    t,
+                    c(f"{s}_0", np.array([0], i64)),
+                    c(f"{s}_h2", np.array([half], i64)),
+                    c(f"{s}_ax2", np.array([3], i64)),
+                ],
+                f"{s}_lo",
+            )
+            rh = op("Concat", [op("Neg", [hi], f"{s}_neg"), lo], f"{s}_rot_half", axis=-1)
+            return op("Add", [op("Mul", [t, A.cos], f"{s}_cos"), op("Mul", [rh, A.sin], f"{s}_sin")], f"{s}_rot")
+
+        q_t = heads(A.q_lin, B.q_lin, arch.num_heads, A.q_norm, B.q_norm, "q")
+        k_t = heads(A.k_lin, B.k_lin, arch.num_kv_heads, A.k_norm, B.k_norm, "k")
+        v_t = heads(A.v_lin, B.v_lin, arch.num_kv_heads, None, None, "v")
+        q_rot, k_rot = rotary(q_t, "q"), rotary(k_t, "k")
+
+        dtype = A.past_k.dtype or ir.DataType.FLOAT
+        past_k = ir.Value(name=past_k_name, type=ir.TensorType(dtype), shape=ir.Shape(list(dims[past_k_name])))
+        past_v = ir.Value(name=past_v_name, type=ir.TensorType(dtype), shape=ir.Shape(list(dims[past_v_name])))
+        present_k = op("Concat", [past_k, k_rot], "present_k", axis=2)  # [B,2KVH,T,D]
+        present_v = op("Concat", [past_v, v_t], "present_v", axis=2)
+        present_k.name, present_v.name = present_k_name, present_v_name
+        present_k.shape = ir.Shape(list(dims[present_k_name]))  # [B,2KVH,T,D]
+        present_v.shape = ir.Shape(list(dims[present_v_name]))
+        present_k.type = present_v.type = ir.TensorType(dtype)
+
+        # Grouped-query attention on the wide tensors: q [B,2KVH,G,S,D] against K/V [B,2KVH,1,T,D].
+        two = c("axis2", np.array([2], i64))
+        q5 = op("Reshape", [q_rot, c("q5_shape", np.array([0, KV2, G, -1, D], i64))], "q5")
+        k_t5 = op("Transpose", [op("Unsqueeze", [present_k, two], "k5")], "kT", perm=[0, 1, 2, 4, 3])
+        scores = op("Mul", [op("MatMul", [q5, k_t5], "qk"), A.scale], "scores")
+        if A.scores_cast is not None:  # 16-bit graphs: mask and softmax in fp32, as the branches did
+            scores = op("Cast", [scores], "scores_up", to=A.scores_cast)
+        probs = op("Softmax", [op("Where", [A.keep, scores, A.fill], "masked")], "probs", axis=-1)
+        if A.probs_cast is not None:
+            probs = op("Cast", [probs], "probs_down", to=A.probs_cast)
+        ctx5 = op("MatMul", [probs, op("Unsqueeze", [present_v, two], "v5")], "pv")  # [B,2KVH,G,S,D]
+        ctx4 = op("Reshape", [ctx5, c("ctx4_shape", np.array([0, H2, -1, D], i64))], "ctx4")
+        ctx_t = op("Transpose", [ctx4], "ctx_t", perm=[0, 2, 1, 3])  # [B,S,2H,D]
+        ctx = op("Reshape", [ctx_t, c("ctx_shape", np.array([0, 0, H2 * D], i64))], "ctx")  # [B,S,2H*D]
+        hd = arch.num_heads * D
+        nodes.append(
+            node("Split", [ctx, c("ctx_split", np.array([hd, hd], i64))], f"{p}/ctx_split", num_outputs=2, axis=-1)
+        )
+        ctx_a, ctx_b = nodes[-1].outputs
+        graph.extend(nodes)
+
+        # Rewire: o_proj inputs, graph outputs (a's slot position), graph inputs (a's slot position).
+        A.ctx.replace_all_uses_with(ctx_a)
+        B.ctx.replace_all_uses_with(ctx_b)
+        outs = graph.outputs
+        ia = list(outs).index(A.present_k)
+        outs[ia], outs[ia + 1] = present_k, present_v
+        for v in (B.present_k, B.present_v):
+            outs.pop(list(outs).index(v))
+        old = [
+            n
+            for v in (A.present_k, A.present_v, B.present_k, B.present_v, A.ctx, B.ctx)
+            if (n := v.producer()) is not None
+        ]
+        _remove_dead_cone(graph, old)
+        ins = graph.inputs
+        for v, wide in ((A.past_k, past_k), (A.past_v, past_v), (B.past_k, past_k), (B.past_v, past_v)):
+            # The exporter reads the batch size off a cache input (Shape(past, 0, 1)); batch, past length
+            # and head_dim are the same on the wide slot, only axis 1 (heads) differs.
+            for u in consumers_of(v):
+                if u.op_type == "Shape" and 1 not in range(4)[slice(attr_int(u, "start", 0), _end(u))]:
+                    u.replace_input_with(0, wide)
+            if v.uses():
+                raise GraphPassError(
+                    f"cache input '{v.name}' is still used after merging its pair",
+                    "report this model and --pairs as a bug, or export with --no-merge",
+                )
+        ja = list(ins).index(A.past_k)
+        ins[ja], ins[ja + 1] = past_k, past_v
+        for v in (B.past_k, B.past_v):
+            ins.pop(list(ins).index(v))
+
+
+def _widths_ok(att: _Attention, arch: ArchSpec) -> bool:
+    """Projection widths, where the graph states them, are the ArchSpec's (H*D for q, KVH*D for k and v)."""
+    for v, width in ((att.q_lin, arch.q_dim), (att.k_lin, arch.kv_dim), (att.v_lin, arch.kv_dim)):
+        last = v.shape[-1] if v.shape is not None and len(v.shape) else None
+        if isinstance(last, int) and last != width:
+            return False
+    return True
+
+
+def _independent(A: _Attention, B: _Attention) -> bool:
+    """Neither branch reads the other's result: merging sequential layers would create a cycle."""
+    for first, second in ((A, B), (B, A)):
+        seen: set[int] = set()
+        stack = [v for v in (second.q_lin, second.k_lin, second.v_lin)]
+        while stack:
+            v = stack.pop()
+            if v is first.ctx or v is first.present_k or v is first.present_v:
+                return False
+            n = v.producer()
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            stack.extend(x for x in n.inputs if x is not None)
+    return True
+
+
+def _end(shape_node: ir.Node) -> int | None:
+    a = shape_node.attributes.get("end")
+    return int(a.as_int()) if a is not None else None
+
+
+def _compatible(A: _Attention, B: _Attention) -> bool:
+    if A.cos is not B.cos or A.sin is not B.sin or A.keep is not B.keep:
+        return False
+    if scalar(A.scale) != scalar(B.scale) or scalar(A.fill) != scalar(B.fill):
+        return False
+    if (A.scores_cast, A.probs_cast) != (B.scores_cast, B.probs_cast):
+        return False
+    for na, nb in ((A.q_norm, B.q_norm), (A.k_norm, B.k_norm)):
+        if (na is None) != (nb is None) or (na is not None and nb is not None and na.key != nb.key):
+            return False
+    return True
+
+
+def _remove_dead_cone(graph: ir.Graph, roots: list[ir.Node]) -> None:
+    """Remove ``roots`` and, transitively, the producers that only fed them (one reverse sweep: the graph
+    is in topological order, the new nodes appended after it read only live values)."""
+    cone: set[int] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if id(n) in cone or n.graph is not graph:
+            continue
+        cone.add(id(n))
+        stack.extend(p for v in n.inputs if v is not None and (p := v.producer()) is not None)
+    for n in reversed(list(graph)):
+        if id(n) in cone and not any(o.uses() or o.is_graph_output() for o in n.outputs):
+            inputs = list(n.inputs)
+            graph.remove(n, safe=True)
+            for v in inputs:
+                if v is not None and v.name is not None and v.name in graph.initializers and not v.uses():
+                    if not v.is_graph_output():
+                        del graph.initializers[v.name]
