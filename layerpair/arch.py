@@ -193,7 +193,7 @@ def _windows_from_config(cfg: Any, model_type: str, n_layers: int) -> tuple[int 
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if model_type in ("qwen2", "qwen3"):
-        if layer_types is None or not getattr(cfg, "use_sliding_window", False):
+        if layer_types is None or not window or not getattr(cfg, "use_sliding_window", False):
             return ()
         return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
     if model_type == "mistral" and window:

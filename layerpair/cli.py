@@ -15,10 +15,20 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from layerpair.engine.options import (
+    add_engine_args,
+    engine_options_from_args,
+    engine_summary_lines,
+    preflight_from_argv,
+)
 from layerpair.errors import InputError, LayerpairError
 
 # verb -> "module:function"; each function takes argv (the words after the verb) and returns an exit code.
 VERBS: dict[str, str] = {}
+VERBS["check"] = "layerpair.deploy.check:check_cli"
+VERBS["eval"] = "layerpair.evaluation.cli:run_eval_cli"
+VERBS["generate"] = "layerpair.deploy.generate:generate_cli"
+VERBS["triton"] = "layerpair.deploy.triton:triton_cli"
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -40,7 +50,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pairs",
         default="none",
-        help="S:E (even range: pairs (S,S+1)…(E-2,E-1)), a list like 10-11,14-15, or none (default)",
+        help="S:E (even range: pairs (S,S+1)…(E-2,E-1)), a list like 10-11,14-15, none (default), or auto "
+        "(search on calibration text; needs --max-ppl-increase and/or --target-depth)",
     )
     p.add_argument("-o", "--output", type=Path, default=None, help="output directory (default: ./<model>-lp<pairs>)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
@@ -57,6 +68,16 @@ def export_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ATOL,
         help=f"validation tolerance, max abs on logits and cache (default {DEFAULT_ATOL:g})",
     )
+    p.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="keep each pair as two parallel branches (default: merge each pair into one wide layer)",
+    )
+    add_engine_args(p)  # --dtype, --trt, --trt-backend, --max-batch/--max-seq/--max-context
+    from layerpair.evaluation.cli import add_selection_args
+
+    add_selection_args(p)  # --pairs auto (--max-ppl-increase, --target-depth, --plot), --heal
+    p.add_argument("--triton", type=Path, default=None, metavar="REPO", help="also write a Triton model repository")
     return p
 
 
@@ -67,16 +88,26 @@ def _default_output(model: str, pairs: str) -> Path:
 
 
 def run_export_cli(argv: Sequence[str]) -> int:
+    preflight_from_argv(argv)  # --trt without TensorRT fails here, before torch is even imported
     from layerpair.exporter.pairs import parse_pairs
     from layerpair.exporter.pipeline import ExportOptions, run_export
 
     args = export_parser().parse_args(argv)
+    dtype, engine = engine_options_from_args(args)
     if not args.atol > 0:
         raise InputError(f"--atol must be positive, got {args.atol}", "pass e.g. --atol 1e-4")
     output = args.output or _default_output(args.model, args.pairs)
     # Parse once with a huge layer count so syntax errors fail before the model is loaded; the range check
     # against the real depth runs again after loading.
-    parse_pairs(args.pairs, 1 << 30)
+    from layerpair.evaluation.selection import export_selection
+
+    decoder_for = export_selection(args)  # None unless --pairs auto / --heal
+    if args.pairs.strip().lower() != "auto":
+        parse_pairs(args.pairs, 1 << 30)
+    if args.triton is not None:  # fail before the slow export, not after it
+        from layerpair.outdir import check_destination
+
+        check_destination(args.triton, args.force)
     opts = ExportOptions(
         model=args.model,
         pairs_spec=args.pairs,
@@ -85,9 +116,17 @@ def run_export_cli(argv: Sequence[str]) -> int:
         opset=args.opset,
         external_data=args.external_data,
         atol=args.atol,
+        merge=not args.no_merge,
+        dtype=dtype,
+        engine=engine,
+        decoder_for=decoder_for,
     )
     report = run_export(opts, lambda n: parse_pairs(args.pairs, n))
     print(summary(report, output))
+    if args.triton is not None:  # same code as `layerpair-export triton OUT REPO` (defaults; the verb has all flags)
+        from layerpair.deploy.triton import triton_cli
+
+        return triton_cli([str(output), str(args.triton), *(["--force"] if args.force else [])])
     return 0
 
 
@@ -99,6 +138,11 @@ def summary(report: dict, output: Path) -> str:
         f"  onnx: opset {report['onnx']['opset']}, {report['onnx']['nodes']} nodes, "
         f"{report['onnx']['bytes'] / 1e6:.1f} MB",
     ]
+    if report.get("merged"):
+        lines.append(
+            f"  merged pairs: nodes {report['nodes_before']} -> {report['nodes_after']}, "
+            f"MatMuls {report['matmuls_before']} -> {report['matmuls_after']} (--no-merge keeps two branches)"
+        )
     for k, a in ag.items():
         lines.append(
             f"  {k:8s} ORT vs PyTorch: logits max_abs {a['max_abs']:.2e} max_rel {a['max_rel']:.2e} "
@@ -108,6 +152,7 @@ def summary(report: dict, output: Path) -> str:
     lines.append(
         "  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + f"; peak RSS {report['peak_rss_mb']:.0f} MB"
     )
+    lines += engine_summary_lines(report)
     lines.append(f"  report: {output}/report.json")
     return "\n".join(lines)
 

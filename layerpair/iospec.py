@@ -95,7 +95,9 @@ class IOSpec:
     @property
     def outputs(self) -> list[TensorSpec]:
         d = self.arch.head_dim
-        out = [TensorSpec("logits", self.dtype, (BATCH, SEQ, self.arch.vocab_size))]
+        # Logits are float32 whatever the graph dtype: the decoder casts them up (model.py, `logits.float()`)
+        # so that sampling and validation never see fp16 rounding of a [B,S,V] softmax input.
+        out = [TensorSpec("logits", "float32", (BATCH, SEQ, self.arch.vocab_size))]
         for s in self.slots:
             out.append(TensorSpec(s.present_key, self.dtype, (BATCH, s.num_kv_heads, TOTAL, d)))
             out.append(TensorSpec(s.present_value, self.dtype, (BATCH, s.num_kv_heads, TOTAL, d)))

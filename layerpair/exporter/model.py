@@ -171,7 +171,8 @@ class Decoder(nn.Module):
         return masks
 
     def _rotary(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [B,S,D/2], fp32 like transformers
+        inv_freq: Tensor = self.inv_freq  # type: ignore[assignment]  # a registered buffer
+        freqs = position_ids.float().unsqueeze(-1) * inv_freq  # [B,S,D/2], fp32 like transformers
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)  # [B,1,S,D]
 

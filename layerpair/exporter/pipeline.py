@@ -24,7 +24,7 @@ from layerpair.exporter.loading import Checkpoint, load_checkpoint
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import DEFAULT_OPSET, export_onnx
 from layerpair.exporter.pairs import Pairs
-from layerpair.exporter.validate import Agreement, OrtRunner, TorchRunner, compare_runners, within_tolerance
+from layerpair.exporter.validate import Agreement, OrtRunner, TorchRunner, compare_runners
 from layerpair.iospec import IOSpec
 from layerpair.outdir import staged_output
 
@@ -45,7 +45,12 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     external_data: bool | None = None
     atol: float = DEFAULT_ATOL
+    merge: bool = True  # --no-merge keeps each pair as two branches (layerpair/graph_passes)
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"  # graph dtype (--dtype), see layerpair/engine/dtype.py
+    engine: Any = None  # layerpair.engine.stage.EngineOptions with --trt
+    # --pairs auto / --heal: checkpoint -> (Decoder to export, report entries); see layerpair/evaluation/selection.py
+    decoder_for: Any = None
 
 
 def checkpoint_from_source(name: str, progress: Progress) -> Checkpoint:
@@ -105,27 +110,58 @@ def run_export(
         t = time.perf_counter()
         progress(f"loading {opts.model}")
         ckpt = checkpoint_from_source(opts.model, progress)
-        pairs = pairs_for(ckpt.arch.num_layers)
-        dec = decoder_from_checkpoint(ckpt, pairs)
+        if opts.decoder_for is not None:  # chosen (and healed) on calibration text; validated like any other
+            dec, chosen = opts.decoder_for(ckpt)
+            pairs = dec.pairs
+            opts.extra.update(chosen)
+        else:
+            pairs = pairs_for(ckpt.arch.num_layers)
+            dec = decoder_from_checkpoint(ckpt, pairs)
+        # --dtype: export a typed copy, validate it against the fp32 `dec` (engine/dtype.py).
+        from layerpair.engine.dtype import tolerance_failures, tolerance_json, typed_export
+
+        typed = typed_export(dec, opts.dtype, ckpt.tokenizer, progress)
+        spec = typed.spec  # I/O spec of OUT/model.onnx
         timings["load"] = time.perf_counter() - t
 
         t = time.perf_counter()
         progress(f"exporting ONNX (opset {opts.opset}, pairs {list(map(list, pairs)) or 'none'})")
-        onnx_info = onnx_from_decoder(dec, tmp / "model.onnx", opts.opset, opts.external_data)
+        onnx_info = onnx_from_decoder(typed.decoder, tmp / "model.onnx", opts.opset, opts.external_data)
         timings["export"] = time.perf_counter() - t
         progress(f"exported {onnx_info['nodes']} nodes, {onnx_info['bytes'] / 1e6:.0f} MB in {timings['export']:.1f} s")
 
         t = time.perf_counter()
         progress("validating ONNX Runtime against PyTorch (prefill, 4 decode steps, padded batch of 2)")
-        agreement = agreement_from_onnx(tmp / "model.onnx", dec.io, dec, ckpt.tokenizer)
+        agreement = typed.agreement(tmp / "model.onnx", spec, dec, ckpt.tokenizer, progress)
         timings["validate"] = time.perf_counter() - t
         progress(format_agreement(agreement))
-        bad = within_tolerance(agreement, opts.atol)
+        bad = tolerance_failures(agreement, opts.dtype, opts.atol, dec, ckpt.tokenizer)
         if bad:
             raise ValidationError(
                 "ONNX Runtime disagrees with PyTorch: " + "; ".join(bad),
                 "nothing was written; report this model and flags as a bug (or raise --atol if justified)",
             )
+        merge_info: dict[str, Any] = {"merged": False}
+        if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
+            from layerpair.graph_passes.stage import merged_onnx_from_onnx
+
+            t = time.perf_counter()
+            progress("merging each pair into one wide layer (graph passes)")
+            spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
+            onnx_info.update(merge_info.pop("onnx"))
+            timings["merge"] = time.perf_counter() - t
+            t = time.perf_counter()
+            progress("validating the merged ONNX against PyTorch")
+            merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
+            agreement = typed.agreement(tmp / "model.onnx", spec, dec, ckpt.tokenizer, progress)
+            timings["validate_merged"] = time.perf_counter() - t
+            progress(format_agreement(agreement))
+            bad = tolerance_failures(agreement, opts.dtype, opts.atol, dec, ckpt.tokenizer)
+            if bad:
+                raise ValidationError(
+                    "merged ONNX disagrees with PyTorch: " + "; ".join(bad),
+                    "nothing was written; export with --no-merge and report this model and flags as a bug",
+                )
         if ckpt.tokenizer is not None:
             ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         arch = ckpt.arch
@@ -137,15 +173,25 @@ def run_export(
             "pairs": [list(p) for p in pairs],
             "depth": arch.num_layers - len(pairs),
             "parameters": arch.num_parameters(),
-            "dtype": "float32",
+            "dtype": opts.dtype,
             "onnx": onnx_info,
-            "io": dec.io.to_json(),
-            "tolerance": {"logits_max_abs": opts.atol, "present_max_abs": opts.atol},
+            "io": spec.to_json(),
+            "tolerance": tolerance_json(opts.dtype, opts.atol),
             "agreement": {k: a.to_json() for k, a in agreement.items()},
             "versions": versions(),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            **merge_info,
             **opts.extra,
         }
+        if opts.dtype != "float32":
+            report["overflow_scan"] = typed.overflow.to_json()
+            report["validated_by"] = typed.validated_by
+        if opts.engine is not None:  # after the ONNX (and merge) stages: builds from whatever model.onnx is now
+            from layerpair.engine.stage import engine_from_onnx_dir
+
+            t = time.perf_counter()
+            report["engine"] = engine_from_onnx_dir(tmp, spec, opts.engine, progress, dec, ckpt.tokenizer)
+            report["timings_s"]["engine"] = round(time.perf_counter() - t, 3)
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -105,7 +105,12 @@ class OrtRunner(Runner):
         return out[0], list(out[1:])
 
 
-def empty_past(spec: IOSpec, batch: int, dtype: Any = np.float32) -> list[np.ndarray]:
+def empty_past(spec: IOSpec, batch: int, dtype: Any = None) -> list[np.ndarray]:
+    """Zero-length K/V for every slot, in the spec's cache dtype unless ``dtype`` is given."""
+    if dtype is None:
+        import ml_dtypes  # numpy has no bfloat16; ml_dtypes (an onnx dependency) provides it
+
+        dtype = ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
     d = spec.arch.head_dim
     return [np.zeros((batch, s.num_kv_heads, 0, d), dtype) for s in spec.slots for _ in (0, 1)]
 
