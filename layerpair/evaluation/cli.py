@@ -1,0 +1,201 @@
+"""``layerpair-export eval``: accuracy of a layer-parallel model against the original, on PyTorch and ONNX.
+
+    layerpair-export eval MODEL --pairs SPEC [--text FILE] [--tokens N] [--mc FILE.jsonl] [--onnx OUT_DIR]
+                          [--heal] [--json OUT.json]
+    layerpair-export eval MODEL --pairs auto --max-ppl-increase 5% [--target-depth N] [--plot frontier.png]
+
+Evaluation reads the first ``--tokens`` tokens of the text; calibration (``--pairs auto``, ``--heal``) reads the
+last ``--calib-tokens`` tokens of the same text (or of ``--calib-text``), never overlapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerpair.errors import InputError, OutputError, ValidationError
+from layerpair.evaluation.metrics import DEFAULT_BATCH, MCItem, OnnxBackend, TorchBackend, mc_metrics, read_mc
+from layerpair.evaluation.metrics import text_metrics as compute_text_metrics
+from layerpair.evaluation.text import DEFAULT_WINDOW, encoder, read_text, windows_from_tokens
+
+DEFAULT_TOKENS = 8192
+DEFAULT_CALIB_TOKENS = 2048
+ONNX_REL_TOL = 1e-3
+
+
+def say(msg: str) -> None:
+    print(f"[layerpair] {msg}", file=sys.stderr, flush=True)
+
+
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    """``--pairs auto`` search and ``--heal`` flags, shared by ``eval`` and (when wired) the export CLI."""
+    g = p.add_argument_group("automatic pairs and healing (calibration text)")
+    g.add_argument("--max-ppl-increase", default=None, help="--pairs auto budget, e.g. 5%% (calibration perplexity)")
+    g.add_argument("--target-depth", type=int, default=None, help="--pairs auto: layers left after pairing")
+    g.add_argument("--beam", type=int, default=2, help="--pairs auto beam width (default 2)")
+    g.add_argument("--plot", type=Path, default=None, help="--pairs auto: save the frontier as this PNG")
+    g.add_argument("--heal", action="store_true", help="refit each pair's o_proj/down_proj on calibration text")
+    g.add_argument("--heal-damping", type=float, default=None, help="ridge damping of --heal (default 1e-2)")
+    g.add_argument("--calib-text", type=Path, default=None, help="calibration text (default: the end of --text)")
+    g.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"default {DEFAULT_CALIB_TOKENS}")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    from layerpair.exporter.loading import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="layerpair-export eval",
+        description="Perplexity, top-1 agreement and KL against the original, and multiple-choice accuracy of a "
+        "layer-parallel model (PyTorch, and an exported ONNX with --onnx).",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--pairs", default="none", help="S:E, a list like 10-11,14-15, none, or auto")
+    p.add_argument("--text", type=Path, default=None, help="UTF-8 text (default: CPython's pydoc_data.topics prose)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to score (default {DEFAULT_TOKENS})")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"window length (default {DEFAULT_WINDOW})")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="windows per forward (default 4)")
+    p.add_argument("--mc", type=Path, default=None, help="multiple-choice JSONL {question, choices, answer}")
+    p.add_argument("--onnx", type=Path, default=None, help="export directory (model.onnx) to evaluate as well")
+    p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    add_selection_args(p)
+    return p
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    """Everything that can be checked before the model is loaded."""
+    from layerpair.evaluation.selection import check_selection_args
+    from layerpair.exporter.pairs import parse_pairs
+
+    for name in ("tokens", "window", "batch", "calib_tokens"):
+        v = getattr(a, name)
+        if v < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {v}", "pass a positive integer")
+    if a.tokens < a.window:
+        raise InputError(f"--tokens {a.tokens} is shorter than one window ({a.window})", f"pass --tokens >= {a.window}")
+    check_selection_args(a)
+    if a.pairs.strip().lower() != "auto":
+        parse_pairs(a.pairs, 1 << 30)  # syntax only; the range check runs once the depth is known
+    for f in (a.text, a.calib_text, a.mc):
+        if f is not None and not f.is_file():
+            raise InputError(f"file '{f}' not found", "check the path")
+    if a.onnx is not None and not (a.onnx / "model.onnx").is_file() and a.onnx.suffix != ".onnx":
+        raise InputError(f"'{a.onnx}' holds no model.onnx", "pass an export directory written by layerpair-export")
+    if a.json is not None and a.json.parent.exists() and not os.access(a.json.parent, os.W_OK):
+        raise OutputError(f"cannot write '{a.json}'", "choose a writable --json location")
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def run_eval_cli(argv: Sequence[str]) -> int:
+    a = eval_parser().parse_args(argv)
+    _check_args(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    mc_items: list[MCItem] | None = read_mc(a.mc) if a.mc else None
+    text = read_text(a.text)  # empty / unreadable text fails before the model loads
+
+    from layerpair.evaluation.selection import select_pairs
+    from layerpair.exporter.loading import load_checkpoint
+    from layerpair.exporter.model import Decoder
+
+    t0 = time.perf_counter()
+    say(f"loading {a.model}")
+    ck = load_checkpoint(a.model, say)
+    dec0 = Decoder.from_hf(ck.model, ck.arch, ())
+    ck.model = None  # the Decoder holds its own copy of the weights
+    if ck.tokenizer is None:
+        raise InputError(f"model '{a.model}' has no tokenizer", "use a checkpoint that ships one")
+    encode = encoder(ck.tokenizer)
+    tokens = encode(text)
+    ev = windows_from_tokens(tokens, a.window, a.tokens)
+    calib_tokens = tokens if a.calib_text is None else encode(read_text(a.calib_text))
+    sel = select_pairs(a, dec0, calib_tokens, same_text=a.calib_text is None, eval_windows=ev, progress=say)
+    report: dict[str, Any] = {
+        "model": a.model,
+        "pairs": [list(p) for p in sel.pairs],
+        "depth": ck.arch.num_layers - len(sel.pairs),
+        "num_layers": ck.arch.num_layers,
+        "text": str(a.text) if a.text else "pydoc_data.topics (sorted keys, joined by blank lines)",
+        "eval_tokens": {"first": int(ev.numel()), "window": a.window, "scored_per_window": a.window - 1},
+        **sel.report,
+    }
+    lp, ref = TorchBackend(sel.decoder), TorchBackend(dec0, ())
+    say(f"scoring {ev.numel()} tokens ({ev.shape[0]} windows of {a.window}) on PyTorch")
+    t = time.perf_counter()
+    tm = compute_text_metrics(lp, ev, ref, batch=a.batch)
+    report["pytorch"] = {"text": tm.to_json(), "seconds": round(time.perf_counter() - t, 2)}
+    if mc_items is not None:
+        report["pytorch"]["mc"] = mc_metrics(lp, mc_items, encode).to_json()
+        report["pytorch"]["mc_original"] = mc_metrics(ref, mc_items, encode).to_json()
+    if a.onnx is not None:
+        path = a.onnx if a.onnx.suffix == ".onnx" else a.onnx / "model.onnx"
+        say(f"scoring the same tokens with ONNX Runtime ({path})")
+        onnx = OnnxBackend(path)
+        t = time.perf_counter()
+        om = compute_text_metrics(onnx, ev, ref, batch=a.batch)
+        report["onnx"] = {"text": om.to_json(), "seconds": round(time.perf_counter() - t, 2)}
+        if mc_items is not None:
+            report["onnx"]["mc"] = mc_metrics(onnx, mc_items, encode).to_json()
+        report["onnx_vs_pytorch_rel"] = {"ppl": _rel(om.ppl, tm.ppl), "kl": _rel(om.kl or 0.0, tm.kl or 0.0)}
+    report["seconds_total"] = round(time.perf_counter() - t0, 2)
+    print(summary(report))
+    if a.json is not None:
+        write_json(a.json, report)
+    if a.onnx is not None and report["onnx_vs_pytorch_rel"]["ppl"] > ONNX_REL_TOL:
+        raise ValidationError(
+            f"ONNX perplexity differs from PyTorch by {report['onnx_vs_pytorch_rel']['ppl']:.2e} (relative)",
+            f"the export does not match these --pairs/--heal flags (tolerance {ONNX_REL_TOL:g})",
+        )
+    return 0
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic: a temporary sibling renamed into place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}' ({e.strerror})", "choose a writable --json location") from None
+
+
+def summary(r: dict[str, Any]) -> str:
+    from layerpair.exporter.pairs import format_pairs
+
+    pt = r["pytorch"]["text"]
+    lines = [
+        f"{r['model']}: {r['num_layers']} layers -> depth {r['depth']}, pairs "
+        f"{format_pairs(tuple(tuple(p) for p in r['pairs']))}" + ("  (healed)" if r.get("heal") else ""),
+        f"  text: {r['text']}, {pt['scored_tokens']} scored tokens ({pt['windows']} windows of {pt['window']})",
+        "  backend   ppl      original  ratio   top1    KL",
+    ]
+    for name in ("pytorch", "onnx"):
+        if name in r:
+            m = r[name]["text"]
+            lines.append(
+                f"  {name:8s}  {m['ppl']:<8.3f} {m['ref_ppl']:<9.3f} {m['ppl_ratio']:<7.4f} {m['top1']:<7.4f} "
+                f"{m['kl']:.4f}   ({r[name]['seconds']:.1f} s)"
+            )
+    for name in ("pytorch", "onnx"):
+        if name in r and "mc" in r[name]:
+            mc = r[name]["mc"]
+            orig = r["pytorch"].get("mc_original")
+            extra = f"  (original: acc {orig['acc']:.4f} acc_norm {orig['acc_norm']:.4f})" if orig else ""
+            lines.append(
+                f"  {name:8s}  MC {mc['items']} items: acc {mc['acc']:.4f} acc_norm {mc['acc_norm']:.4f}{extra}"
+            )
+    if "onnx_vs_pytorch_rel" in r:
+        lines.append(f"  ONNX vs PyTorch: ppl rel diff {r['onnx_vs_pytorch_rel']['ppl']:.2e}")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Training-free healing: a closed-form least-squares refit of each pair's output projections, folded into
+the weights, so the parallel pair reproduces the sequential pair it replaces.
+
+For a pair (a, b) on input x, the original (sequential) layers compute::
+
+    h1 = x + A_a(x);  y1 = h1 + M_a(h1);  h2 = y1 + A_b(y1);  y = h2 + M_b(h2)
+
+and the parallel pair ``h = x + A_a(x) + A_b(x); y' = h + M_a(h) + M_b(h)``. Both stages end in a linear map
+whose input the pair computes anyway, so two ridge regressions on calibration activations fix them:
+
+1. attention: ``[ctx_a(x), ctx_b(x)] @ [Wo_a; Wo_b] ≈ A_a(x) + A_b(y1)`` (the attention contributions of the
+   sequential pair), ctx = the attention output before o_proj;
+2. MLP, on the refitted h: ``[act_a(h), act_b(h)] @ [Wd_a; Wd_b] ≈ target - h`` where act = silu(gate)·up and
+   target is y (``target="local"``: the sequential pair on the same input) or the original model's residual
+   stream after layer b (``target="global"``: also absorbs drift from earlier pairs).
+
+Ridge toward the original weights, ``W = (FᵀF + λI)⁻¹(FᵀT + λW0)`` with ``λ = damping · mean(diag FᵀF)``,
+keeps the fit well posed when features outnumber calibration tokens. Inputs x come from the *already healed*
+LP model (pairs are healed in layer order), so each fit sees the activations it will see at run time.
+
+The result is an ordinary Decoder with different o_proj/down_proj values: export, merge and validation treat
+it like any other checkpoint, and the wide layer costs nothing more at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from layerpair.errors import InputError
+from layerpair.evaluation.forward import attn_ctx, blocks_from_pairs, embed, run_block, window_context
+from layerpair.evaluation.metrics import DEFAULT_BATCH
+from layerpair.exporter.model import Decoder, Layer
+
+DEFAULT_DAMPING = 1e-2
+TARGETS = ("local", "global")
+
+
+@dataclass
+class HealReport:
+    pairs: list[list[int]]
+    damping: float
+    target: str
+    calib_tokens: int
+    # per pair: relative residual ||F W - T|| / ||T|| before (original weights) and after the refit
+    attn_rel_err: dict[str, tuple[float, float]] = field(default_factory=dict)
+    mlp_rel_err: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": "ridge refit of o_proj and down_proj per pair (closed form, folded into the weights)",
+            "pairs": self.pairs,
+            "damping": self.damping,
+            "target": self.target,
+            "calib_tokens": self.calib_tokens,
+            "attn_rel_err_before_after": self.attn_rel_err,
+            "mlp_rel_err_before_after": self.mlp_rel_err,
+        }
+
+
+class _Normal:
+    """Accumulates FᵀF, FᵀT and TᵀT in float64 across chunks of calibration tokens."""
+
+    def __init__(self) -> None:
+        self.G: Tensor | None = None
+        self.C: Tensor | None = None
+        self.tt = 0.0
+
+    def add(self, F_ND: Tensor, T_NH: Tensor) -> None:
+        f, t = F_ND.reshape(-1, F_ND.shape[-1]).double(), T_NH.reshape(-1, T_NH.shape[-1]).double()
+        g, c = f.t() @ f, f.t() @ t
+        self.G = g if self.G is None else self.G + g
+        self.C = c if self.C is None else self.C + c
+        self.tt += float((t * t).sum())
+
+    def solve(self, W0: Tensor, damping: float) -> tuple[Tensor, float, float]:
+        """Ridge solution toward W0; returns (W, relative residual with W0, relative residual with W)."""
+        assert self.G is not None and self.C is not None
+        G, C, w0 = self.G, self.C, W0.double()
+        lam = damping * float(G.diagonal().mean())
+        W = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), C + lam * w0)
+
+        def rel(w: Tensor) -> float:  # ||FW - T||² = wᵀGw - 2 tr(wᵀC) + TᵀT
+            r = float((w * (G @ w)).sum() - 2 * (w * C).sum()) + self.tt
+            return (max(r, 0.0) / max(self.tt, 1e-30)) ** 0.5
+
+        return W.to(W0.dtype), rel(w0), rel(W)
+
+
+def _mlp_act(layer: Layer, h: Tensor) -> Tensor:
+    """silu(gate) * up of the MLP on its normed input: the features of down_proj [B,W,I]."""
+    m: Any = layer.mlp
+    x = layer.post_attention_layernorm(h)
+    g, u = x @ m.gate_proj, x @ m.up_proj
+    if m.gate_bias is not None and m.up_bias is not None:
+        g, u = g + m.gate_bias, u + m.up_bias
+    return F.silu(g) * u
+
+
+def heal_pairs(
+    dec: Decoder,
+    pairs: Sequence[tuple[int, int]],
+    calib_windows: Tensor,
+    damping: float = DEFAULT_DAMPING,
+    target: str = "local",
+    batch: int = DEFAULT_BATCH,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Decoder, HealReport]:
+    """A new Decoder with ``pairs`` whose pair o_proj/down_proj are refitted on ``calib_windows`` [N,W].
+
+    ``dec`` holds the original weights (its own pairs are ignored) and is not modified.
+    """
+    if target not in TARGETS:
+        raise InputError(f"heal target '{target}' is unknown", f"use one of: {', '.join(TARGETS)}")
+    if not damping > 0:
+        raise InputError(f"heal damping must be positive, got {damping}", "pass e.g. 1e-2")
+    say = progress or (lambda msg: None)
+    pairs = tuple(sorted(pairs))
+    healed = Decoder(dec.arch, pairs)
+    src = dict(dec.named_parameters())
+    for name, p in healed.named_parameters():  # copies keep the source dtype; rotary inv_freq stays fp32
+        p.data = src[name].detach().clone()
+    healed.eval()
+    report = HealReport([list(p) for p in pairs], damping, target, int(calib_windows.numel()))
+    if not pairs:
+        return healed, report
+    L = dec.arch.num_layers
+    orig: Any = dec.layers
+    new: Any = healed.layers
+    chunks = [calib_windows[i : i + batch] for i in range(0, calib_windows.shape[0], batch)]
+    ctxs = [window_context(dec, *c.shape) for c in chunks]
+    with torch.no_grad():
+        xs = [embed(healed, ids) for ids in chunks]  # LP residual stream, per chunk
+        x_orig = [embed(dec, ids) for ids in chunks]  # original stream (global target only)
+        done = 0
+        for block in blocks_from_pairs(L, pairs):
+            if target == "global":  # advance the original stream through this block's layers, sequentially
+                for i in block:
+                    x_orig = [run_block(dec, (i,), x, c) for x, c in zip(x_orig, ctxs, strict=True)]
+            if len(block) == 2:
+                a, b = block
+                la, lb, na, nb = orig[a], orig[b], new[a], new[b]
+                # 1. attention o_proj refit
+                att = _Normal()
+                feats: list[tuple[Tensor, Tensor]] = []
+                for x, c in zip(xs, ctxs, strict=True):
+                    ca = attn_ctx(na, na.input_layernorm(x), c, dec.arch.window(a))
+                    cb = attn_ctx(nb, nb.input_layernorm(x), c, dec.arch.window(b))
+                    y1 = run_block(dec, (a,), x, c)
+                    seq_attn = _attn_out(la, x, c, dec) + _attn_out(lb, y1, c, dec)
+                    att.add(torch.cat([ca, cb], -1), seq_attn - _obias(na) - _obias(nb))
+                    feats.append((ca, cb))
+                q = ca.shape[-1]
+                W, before, after = att.solve(torch.cat([na.self_attn.o_proj, nb.self_attn.o_proj], 0), damping)
+                na.self_attn.o_proj.data, nb.self_attn.o_proj.data = W[:q].contiguous(), W[q:].contiguous()
+                report.attn_rel_err[f"{a}-{b}"] = (before, after)
+                # 2. MLP down_proj refit on the refitted h
+                mlp = _Normal()
+                hs: list[Tensor] = []
+                for k, (x, c) in enumerate(zip(xs, ctxs, strict=True)):
+                    ca, cb = feats[k]
+                    h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + _obias(na) + _obias(nb)
+                    tgt = run_block(dec, (b,), run_block(dec, (a,), x, c), c) if target == "local" else x_orig[k]
+                    mlp.add(torch.cat([_mlp_act(na, h), _mlp_act(nb, h)], -1), tgt - h - _dbias(na) - _dbias(nb))
+                    hs.append(h)
+                i_dim = dec.arch.intermediate_size
+                W, before, after = mlp.solve(torch.cat([na.mlp.down_proj, nb.mlp.down_proj], 0), damping)
+                na.mlp.down_proj.data, nb.mlp.down_proj.data = W[:i_dim].contiguous(), W[i_dim:].contiguous()
+                report.mlp_rel_err[f"{a}-{b}"] = (before, after)
+                done += 1
+                say(f"healed pair {a}-{b} ({done}/{len(pairs)}): attention residual {before:.3f} -> {after:.3f}")
+            xs = [run_block(healed, block, x, c) for x, c in zip(xs, ctxs, strict=True)]
+    return healed, report
+
+
+def _attn_out(layer: Layer, x: Tensor, c: Any, dec: Decoder) -> Tensor:
+    out, _, _ = layer.self_attn(
+        layer.input_layernorm(x), c.cos, c.sin, c.k_past, c.k_past, c.keep[dec.arch.window(layer.index)]
+    )
+    return out
+
+
+def _obias(layer: Layer) -> Tensor | float:
+    b = layer.self_attn.o_bias
+    return 0.0 if b is None else b
+
+
+def _dbias(layer: Layer) -> Tensor | float:
+    b = layer.mlp.down_bias
+    return 0.0 if b is None else b

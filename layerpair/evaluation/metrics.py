@@ -1,0 +1,280 @@
+"""Accuracy metrics of a (layer-parallel) decoder, identical on PyTorch and ONNX Runtime.
+
+Perplexity: the text is cut into non-overlapping windows of ``window`` tokens (default 512; a trailing partial
+window is dropped). Each window is scored independently from an empty cache: position t predicts token t+1,
+so the first token of every window is context only and a window scores ``window - 1`` tokens.
+``ppl = exp(total NLL / scored tokens)``.
+
+Agreement with the original (no pairs) model, on the same scored positions: ``top1`` = fraction whose argmax
+agrees, ``kl`` = mean KL(P_original || P_lp) in nats.
+
+Multiple choice, as lm-evaluation-harness scores ``multiple_choice`` tasks: the continuation of each choice is
+``" " + choice``; context/continuation tokens are split the harness's way (trailing spaces of the question move
+into the continuation; continuation tokens = tokens(question + continuation)[len(tokens(question)):]); the
+score is the summed log-likelihood of the continuation tokens. ``acc``: the argmax score is the answer;
+``acc_norm``: the argmax of score / len(choice in characters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from layerpair.errors import InputError
+from layerpair.evaluation.forward import hidden_until, logits_from_hidden, logits_from_ids, window_context
+from layerpair.evaluation.text import Encode
+from layerpair.exporter.model import Decoder
+
+DEFAULT_BATCH = 4
+
+
+class LogitsBackend(Protocol):
+    name: str
+
+    def logits(self, ids_BW: Tensor) -> Tensor:
+        """fp32 logits [B,W,V] of full sequences starting at position 0 (empty cache, no padding)."""
+        ...
+
+
+class TorchBackend:
+    """The PyTorch Decoder; ``pairs`` overrides the Decoder's own plan (``()`` = the original model)."""
+
+    def __init__(self, dec: Decoder, pairs: Sequence[tuple[int, int]] | None = None, name: str = "pytorch") -> None:
+        self.dec = dec
+        self.pairs = tuple(dec.pairs if pairs is None else pairs)
+        self.name = name
+
+    def logits(self, ids_BW: Tensor) -> Tensor:
+        with torch.no_grad():
+            return logits_from_ids(self.dec, ids_BW, self.pairs)
+
+
+class OnnxBackend:
+    """An exported ``model.onnx`` (any cache layout: the empty pasts are built from the graph's own inputs)."""
+
+    def __init__(self, path: Path | str, threads: int | None = None, name: str = "onnx") -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or torch.get_num_threads()
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.inputs = self.session.get_inputs()
+        self.name = name
+
+    def logits(self, ids_BW: Tensor) -> Tensor:
+        B, W = ids_BW.shape
+        ids = ids_BW.numpy().astype(np.int64)
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": ids,
+            "attention_mask": np.ones((B, W), np.int64),
+            "position_ids": np.broadcast_to(np.arange(W, dtype=np.int64), (B, W)).copy(),
+        }
+        for inp in self.inputs:
+            if inp.name.startswith("past_key_values."):
+                _, heads, _, d = inp.shape  # [batch, heads, past_sequence, head_dim]; heads/head_dim static
+                dtype = np.float16 if "float16" in inp.type else np.float32
+                feeds[inp.name] = np.zeros((B, int(heads), 0, int(d)), dtype)
+        out = self.session.run([self.session.get_outputs()[0].name], feeds)[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+@dataclass
+class TextMetrics:
+    ppl: float
+    nll: float  # mean NLL per scored token (nats)
+    scored_tokens: int
+    windows: int
+    window: int
+    ref_ppl: float | None = None
+    ppl_ratio: float | None = None
+    top1: float | None = None
+    kl: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _shared_prefix(model: LogitsBackend, ref: LogitsBackend | None) -> int:
+    """Layers both backends run identically (same Decoder, same plan up to the first pair of either): 0 if none."""
+    if not (isinstance(model, TorchBackend) and isinstance(ref, TorchBackend) and model.dec is ref.dec):
+        return 0
+    firsts = [a for a, _ in (*model.pairs, *ref.pairs)]
+    return min(firsts, default=model.dec.arch.num_layers)
+
+
+def _logits_both(model: LogitsBackend, ref: LogitsBackend | None, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    start = _shared_prefix(model, ref)
+    if start == 0 or ref is None:
+        return model.logits(ids), (ref.logits(ids) if ref is not None else None)
+    # Same weights: run the common prefix once (an LP model with late pairs saves most of the reference's cost).
+    assert isinstance(model, TorchBackend) and isinstance(ref, TorchBackend)
+    dec = model.dec
+    c = window_context(dec, *ids.shape)
+    x = hidden_until(dec, ids, start, (), c)
+    return logits_from_hidden(dec, x, start, model.pairs, c), logits_from_hidden(dec, x, start, ref.pairs, c)
+
+
+def text_metrics(
+    model: LogitsBackend, windows: Tensor, ref: LogitsBackend | None = None, batch: int = DEFAULT_BATCH
+) -> TextMetrics:
+    """Perplexity of ``model`` over ``windows`` [N,W]; with ``ref``, also its perplexity, top-1 and KL."""
+    N, W = windows.shape
+    nll_sum, ref_nll_sum, kl_sum, agree = 0.0, 0.0, 0.0, 0
+    for i in range(0, N, batch):
+        ids = windows[i : i + batch]
+        tgt = ids[:, 1:]  # position t predicts token t+1
+        logits, ref_logits = _logits_both(model, ref, ids)
+        # fp32 log-softmax (the logits are fp32 on every backend), sums accumulated in fp64.
+        lp = torch.log_softmax(logits[:, :-1], dim=-1)  # [b,W-1,V]
+        nll_sum -= float(lp.gather(-1, tgt.unsqueeze(-1)).sum(dtype=torch.float64))
+        if ref_logits is not None:
+            rlp = torch.log_softmax(ref_logits[:, :-1], dim=-1)
+            ref_nll_sum -= float(rlp.gather(-1, tgt.unsqueeze(-1)).sum(dtype=torch.float64))
+            kl_sum += float((rlp.exp() * (rlp - lp)).sum(dtype=torch.float64))
+            agree += int((ref_logits[:, :-1].argmax(-1) == logits[:, :-1].argmax(-1)).sum())
+            del rlp
+        del lp, logits, ref_logits
+    n = N * (W - 1)
+    m = TextMetrics(ppl=math.exp(nll_sum / n), nll=nll_sum / n, scored_tokens=n, windows=N, window=W)
+    if ref is not None:
+        m.ref_ppl = math.exp(ref_nll_sum / n)
+        m.ppl_ratio = m.ppl / m.ref_ppl
+        m.top1 = agree / n
+        m.kl = kl_sum / n
+    return m
+
+
+def nll_of_logits(logits: Tensor, ids: Tensor) -> float:
+    """Mean NLL (nats) of ``ids[:,1:]`` under ``logits[:, :-1]`` — the perplexity rule, for the search."""
+    lp = torch.log_softmax(logits[:, :-1], dim=-1)
+    return -float(lp.gather(-1, ids[:, 1:].unsqueeze(-1)).mean(dtype=torch.float64))
+
+
+# ---- multiple choice -------------------------------------------------------------------------------------
+
+
+@dataclass
+class MCItem:
+    question: str
+    choices: list[str]
+    answer: int
+
+
+@dataclass
+class MCMetrics:
+    acc: float
+    acc_norm: float
+    items: int
+    predictions: list[int] = field(default_factory=list)
+    predictions_norm: list[int] = field(default_factory=list)
+    loglikelihoods: list[list[float]] = field(default_factory=list)
+
+    def to_json(self, full: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not full:
+            for k in ("predictions", "predictions_norm", "loglikelihoods"):
+                d.pop(k)
+        return d
+
+
+def _bad_jsonl(path: Path, line: int, problem: str) -> InputError:
+    return InputError(
+        f"{path}:{line}: {problem}",
+        'each line must be a JSON object {"question": str, "choices": [str, ...], "answer": index or choice}',
+    )
+
+
+def read_mc(path: Path) -> list[MCItem]:
+    """Read a multiple-choice JSONL file; blank lines are skipped; the answer is an index or one of the choices."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read '{path}' ({type(e).__name__})", "pass a readable UTF-8 .jsonl file") from None
+    items: list[MCItem] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad_jsonl(path, n, f"not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise _bad_jsonl(path, n, "not a JSON object")
+        q, ch, ans = obj.get("question"), obj.get("choices"), obj.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            raise _bad_jsonl(path, n, "'question' must be a non-empty string")
+        if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
+            raise _bad_jsonl(path, n, "'choices' must be a list of at least 2 non-empty strings")
+        if isinstance(ans, bool) or not isinstance(ans, int | str):
+            raise _bad_jsonl(path, n, "'answer' must be a choice index or the text of a choice")
+        if isinstance(ans, str):
+            if ans not in ch:
+                raise _bad_jsonl(path, n, f"'answer' {ans!r} is not one of the choices")
+            ans = ch.index(ans)
+        if not 0 <= ans < len(ch):
+            raise _bad_jsonl(path, n, f"'answer' index {ans} is out of range for {len(ch)} choices")
+        items.append(MCItem(q, list(ch), ans))
+    if not items:
+        raise InputError(f"'{path}' has no items", "add at least one JSON line with question, choices and answer")
+    return items
+
+
+def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness ``_encode_pair``: trailing context spaces move to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx, whole[len(ctx) :]
+
+
+def mc_metrics(
+    model: LogitsBackend, items: Sequence[MCItem], encode: Encode, batch: int = 8, max_length: int = 2048
+) -> MCMetrics:
+    """acc / acc_norm of ``items`` (see the module docstring for the scoring rule)."""
+    reqs: list[tuple[list[int], int]] = []  # (input tokens, number of continuation tokens at its end)
+    for it in items:
+        for choice in it.choices:
+            ctx, cont = encode_pair(encode, it.question, " " + choice)
+            if not cont:
+                raise InputError(f"choice {choice!r} encodes to no tokens", "use non-empty choice texts")
+            full = (ctx + cont)[-(max_length + 1) :]  # left-truncate like the harness
+            reqs.append((full, len(cont)))
+    lls: list[float] = []
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i : i + batch]
+        L = max(len(f) for f, _ in chunk)
+        # Right padding needs no mask: causal attention never lets a real position see a later pad token.
+        ids = torch.zeros(len(chunk), L, dtype=torch.long)
+        for j, (f, _) in enumerate(chunk):
+            ids[j, : len(f)] = torch.tensor(f)
+        lp = torch.log_softmax(model.logits(ids).double(), dim=-1)
+        for j, (f, n) in enumerate(chunk):
+            pos = torch.arange(len(f) - 1 - n, len(f) - 1)  # logits at t predict token t+1
+            lls.append(float(lp[j, pos, torch.tensor(f[len(f) - n :])].sum()))
+    out = MCMetrics(acc=0.0, acc_norm=0.0, items=len(items))
+    k = 0
+    hit = hit_norm = 0
+    for it in items:
+        ll = lls[k : k + len(it.choices)]
+        k += len(it.choices)
+        pred = int(np.argmax(ll))
+        pred_norm = int(np.argmax([s / len(c) for s, c in zip(ll, it.choices, strict=True)]))
+        hit += pred == it.answer
+        hit_norm += pred_norm == it.answer
+        out.predictions.append(pred)
+        out.predictions_norm.append(pred_norm)
+        out.loglikelihoods.append(ll)
+    out.acc, out.acc_norm = hit / len(items), hit_norm / len(items)
+    return out

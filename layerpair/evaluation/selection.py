@@ -1,0 +1,139 @@
+"""``pairs_and_decoder``: the ``--pairs`` / ``--pairs auto`` / ``--heal`` flags become a Decoder plus report
+entries. Shared by ``layerpair-export eval`` and the export pipeline, so both record the same choice."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerpair.errors import InputError
+from layerpair.evaluation.text import DEFAULT_WINDOW, windows_from_tokens
+from layerpair.exporter.model import Decoder
+
+Pairs = tuple[tuple[int, int], ...]
+
+
+@dataclass
+class Selection:
+    pairs: Pairs
+    decoder: Decoder  # runs `pairs` (healed weights when --heal)
+    report: dict[str, Any] = field(default_factory=dict)  # "auto" / "heal" entries for report.json
+
+
+def with_pairs(dec: Decoder, pairs: Sequence[tuple[int, int]]) -> Decoder:
+    """A Decoder running ``pairs`` that *shares* ``dec``'s weights (no copy)."""
+    out = Decoder(dec.arch, tuple(pairs))
+    src = dict(dec.named_parameters())
+    for name, p in out.named_parameters():
+        p.data = src[name].data
+    return out.eval()
+
+
+def calibration_windows(
+    tokens: Sequence[int], n_tokens: int, window: int, eval_windows: torch.Tensor | None
+) -> torch.Tensor:
+    """The last ``n_tokens`` of ``tokens``; must not overlap ``eval_windows`` (the first tokens of the same text)."""
+    cal = windows_from_tokens(tokens, window, n_tokens, from_end=True)
+    if eval_windows is not None and eval_windows.numel() + cal.numel() > len(tokens):
+        raise InputError(
+            f"evaluation ({eval_windows.numel()} tokens) and calibration ({cal.numel()} tokens) would overlap in a "
+            f"text of {len(tokens)} tokens",
+            "pass a longer --text, a separate --calib-text, or fewer --tokens / --calib-tokens",
+        )
+    return cal
+
+
+def select_pairs(
+    a: argparse.Namespace,
+    dec0: Decoder,
+    calib_tokens: Sequence[int],
+    same_text: bool,
+    eval_windows: torch.Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Selection:
+    """Resolve ``a.pairs`` (explicit or ``auto``) and ``a.heal`` against the original-weights ``dec0``."""
+    from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
+    from layerpair.evaluation.search import auto_pairs, parse_budget, save_frontier_plot
+    from layerpair.exporter.pairs import parse_pairs
+
+    say = progress or (lambda msg: None)
+    window = getattr(a, "window", DEFAULT_WINDOW)
+    auto = a.pairs.strip().lower() == "auto"
+    report: dict[str, Any] = {}
+    cal: torch.Tensor | None = None
+    if auto or a.heal:
+        cal = calibration_windows(calib_tokens, a.calib_tokens, window, eval_windows if same_text else None)
+    if auto:
+        assert cal is not None
+        budget = parse_budget(a.max_ppl_increase) if a.max_ppl_increase is not None else None
+        res = auto_pairs(dec0, cal, budget, a.target_depth, beam=a.beam, progress=say)
+        print(res.table())
+        if a.plot is not None:
+            save_frontier_plot(res, Path(a.plot))
+            say(f"frontier plot: {a.plot}")
+        pairs: Pairs = res.pairs
+        report["auto"] = res.to_json()
+    else:
+        pairs = parse_pairs(a.pairs, dec0.arch.num_layers)
+    if a.heal and pairs:
+        assert cal is not None
+        damping = a.heal_damping or DEFAULT_DAMPING
+        say(f"healing {len(pairs)} pairs on {cal.numel()} calibration tokens (ridge damping {damping:g})")
+        dec, rep = heal_pairs(dec0, pairs, cal, damping=damping, progress=say)
+        report["heal"] = rep.to_json()
+        return Selection(pairs, dec, report)
+    return Selection(pairs, with_pairs(dec0, pairs), report)
+
+
+def check_selection_args(a: argparse.Namespace) -> bool:
+    """Validate the ``--pairs auto`` / ``--heal`` flags before anything loads; True when either is in use."""
+    from layerpair.evaluation.search import parse_budget
+
+    auto = a.pairs.strip().lower() == "auto"
+    if auto:
+        if a.max_ppl_increase is None and a.target_depth is None:
+            raise InputError("--pairs auto needs a budget", "add --max-ppl-increase 5% and/or --target-depth N")
+        if a.max_ppl_increase is not None:
+            parse_budget(a.max_ppl_increase)
+    elif a.max_ppl_increase is not None or a.target_depth is not None or a.plot is not None:
+        raise InputError("--max-ppl-increase/--target-depth/--plot only apply to --pairs auto", "add --pairs auto")
+    if a.heal_damping is not None and not a.heal_damping > 0:
+        raise InputError(f"--heal-damping must be positive, got {a.heal_damping}", "pass e.g. 1e-2")
+    if a.calib_tokens < 1:
+        raise InputError(f"--calib-tokens must be >= 1, got {a.calib_tokens}", "pass e.g. 2048")
+    if a.calib_text is not None and not Path(a.calib_text).is_file():
+        raise InputError(f"file '{a.calib_text}' not found", "check the --calib-text path")
+    return auto or bool(a.heal)
+
+
+def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, dict[str, Any]]] | None:
+    """For the export pipeline: None for a plain ``--pairs`` spec, else ``decoder_for(checkpoint)`` that searches
+    (``--pairs auto``) and/or heals (``--heal``) on the calibration text (default: the *end* of the pydoc topics
+    text, so ``layerpair-export eval`` on its default text, which reads the start, stays held out) and returns
+    the Decoder to export plus the ``auto``/``heal`` entries for report.json."""
+    if not check_selection_args(a):
+        return None
+
+    def decoder_for(ckpt: Any) -> tuple[Decoder, dict[str, Any]]:
+        from layerpair.evaluation.text import encoder, read_text
+
+        if ckpt.tokenizer is None:
+            raise InputError("--pairs auto / --heal need the model's tokenizer", "use a checkpoint that ships one")
+        dec0 = Decoder.from_hf(ckpt.model, ckpt.arch, ())
+        tokens = encoder(ckpt.tokenizer)(read_text(a.calib_text))
+        say = progress_to_stderr
+        sel = select_pairs(a, dec0, tokens, same_text=False, progress=say)
+        return sel.decoder, sel.report
+
+    return decoder_for
+
+
+def progress_to_stderr(msg: str) -> None:
+    import sys
+
+    print(f"[layerpair] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,118 @@
+"""The accuracy study behind docs/accuracy.md: on SmolLM2 (or any model), compare at equal depth
+
+* the best contiguous range (chosen on calibration text),
+* ``--pairs auto`` (the search frontier, chosen on calibration text),
+* ``--pairs auto`` + ``--heal``,
+
+on held-out text: the first ``--eval-tokens`` tokens of the default text (pydoc topics), while calibration
+reads its last tokens (search: ``--calib-tokens``; contiguous selection: ``--contig-calib-tokens``; healing:
+``--heal-tokens``). Prints a markdown table and writes JSON.
+
+    python -m layerpair.evaluation.study --depths 28,26,24 --json study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerpair.evaluation.heal import heal_pairs
+from layerpair.evaluation.metrics import TorchBackend, text_metrics
+from layerpair.evaluation.search import _Scorer, auto_pairs
+from layerpair.evaluation.selection import calibration_windows
+from layerpair.evaluation.text import default_text, encoder, windows_from_tokens
+from layerpair.exporter.model import Decoder
+
+
+def contiguous_choice(dec: Decoder, cal: torch.Tensor, n: int) -> tuple[tuple[tuple[int, int], ...], float]:
+    """Best range S:S+2n on ``cal`` (every start tried)."""
+    L = dec.arch.num_layers
+    sc = _Scorer(dec, cal, 4)
+    st = sc.states(())
+    base = sc.nll_from_states(st)
+    runs = {tuple((i, i + 1) for i in range(s, s + 2 * n, 2)): s for s in range(0, L - 2 * n + 1)}
+    nll = {k: sc.nll(k, st, s) for k, s in runs.items()}
+    k = min(nll, key=nll.__getitem__)
+    return k, math.exp(nll[k] - base)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m layerpair.evaluation.study")
+    p.add_argument("model", nargs="?", default="smollm2-135m")
+    p.add_argument("--depths", default="28,26,24")
+    p.add_argument("--eval-tokens", type=int, default=2048)
+    p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--contig-calib-tokens", type=int, default=1024)
+    p.add_argument("--heal-tokens", type=int, default=4096)
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--candidates", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    from layerpair.exporter.loading import load_checkpoint
+
+    depths = sorted({int(x) for x in a.depths.split(",")}, reverse=True)
+    ck = load_checkpoint(a.model)
+    dec = Decoder.from_hf(ck.model, ck.arch, ())
+    ck.model = None
+    toks = encoder(ck.tokenizer)(default_text())
+    ev = windows_from_tokens(toks, 512, a.eval_tokens)
+    cal = calibration_windows(toks, a.calib_tokens, 512, ev)
+    ref = TorchBackend(dec, ())
+
+    def held_out(backend: TorchBackend) -> dict[str, Any]:
+        m = text_metrics(backend, ev, ref)
+        return {"ratio": m.ppl_ratio, "kl": m.kl, "top1": m.top1, "ppl": m.ppl, "ref_ppl": m.ref_ppl}
+
+    t0 = time.perf_counter()
+    res = auto_pairs(dec, cal, target_depth=min(depths), beam=a.beam, candidates=a.candidates)
+    print(res.table(), file=sys.stderr)
+    rows: dict[int, dict[str, Any]] = {}
+    for d in depths:
+        pt = res.point(d)
+        assert pt is not None
+        row = rows.setdefault(d, {})
+        row["auto"] = {"pairs": pt.pairs, "calib_ratio": pt.ratio, **held_out(TorchBackend(dec, pt.pairs))}
+        healed, _ = heal_pairs(dec, pt.pairs, calibration_windows(toks, a.heal_tokens, 512, ev))
+        row["auto_heal"] = {"pairs": pt.pairs, **held_out(TorchBackend(healed))}
+        pairs, r = contiguous_choice(
+            dec, calibration_windows(toks, a.contig_calib_tokens, 512, ev), dec.arch.num_layers - d
+        )
+        row["contiguous"] = {"pairs": pairs, "calib_ratio": r, **held_out(TorchBackend(dec, pairs))}
+    out = {"rows": rows, "auto": res.to_json(), "seconds": time.perf_counter() - t0, "args": vars(a)}
+    print(markdown_table(rows))
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def markdown_table(rows: dict[int, dict[str, Any]]) -> str:
+    from layerpair.exporter.pairs import format_pairs
+
+    lines = [
+        "| depth | best contiguous (pairs) | auto (pairs) | auto + heal |",
+        "|---:|---|---|---:|",
+    ]
+    for d in sorted(rows, reverse=True):
+        r = rows[d]
+
+        def cell(k: str, r: dict[str, Any] = r) -> str:
+            if k not in r:
+                return "—"
+            pairs = format_pairs(tuple(tuple(p) for p in r[k]["pairs"]))
+            return f"x{r[k]['ratio']:.3f} ({pairs})"
+
+        heal = f"x{r['auto_heal']['ratio']:.3f}" if "auto_heal" in r else "—"
+        lines.append(f"| {d} | {cell('contiguous')} | {cell('auto')} | {heal} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
