@@ -13,4 +13,4 @@ export LAYERPAIR_TRITONSERVER_DIR="$PWD/.cache/pytriton/pytriton/tritonserver"
 ruff check layerpair tests benchmarks
 ruff format --check layerpair tests benchmarks
 mypy layerpair
-python -m pytest -q -rs "$@"
+python -m pytest -q -rs -n 2 --dist loadgroup "$@"

@@ -109,3 +109,15 @@ def smollm2_checkpoint():  # type: ignore[no-untyped-def]
     from layerpair.exporter.loading import load_checkpoint
 
     return load_checkpoint("smollm2-135m")
+
+
+# Tests that need the real SmolLM2 share session fixtures that cost minutes each. Under pytest-xdist
+# (`scripts/test.sh` runs `-n 2 --dist loadgroup`) they all go to one worker, so each fixture is built once,
+# while the other worker runs everything else on the second core.
+SMOLLM2_FIXTURES = {"smollm2_lp_export", "smollm2_checkpoint", "smollm2_fp16_trt_export"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
