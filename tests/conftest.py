@@ -112,12 +112,21 @@ def smollm2_checkpoint():  # type: ignore[no-untyped-def]
 
 
 # Tests that need the real SmolLM2 share session fixtures that cost minutes each. Under pytest-xdist
-# (`scripts/test.sh` runs `-n 2 --dist loadgroup`) they all go to one worker, so each fixture is built once,
-# while the other worker runs everything else on the second core.
-SMOLLM2_FIXTURES = {"smollm2_lp_export", "smollm2_checkpoint", "smollm2_fp16_trt_export"}
+# (`scripts/test.sh` runs `-n 2 --dist loadgroup`) every test of one fixture goes to the same worker, so each
+# fixture is built once; the two SmolLM2 chains run on different workers, the tiny tests fill in around them.
+SMOLLM2_GROUPS = {
+    "smollm2_lp_export": "smollm2-lp",
+    "smollm2_fp16_trt_export": "smollm2-other",
+    "smollm2_checkpoint": "smollm2-other",
+}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("smollm2"))
+        names = set(getattr(item, "fixturenames", ()))
+        groups = {g for f, g in SMOLLM2_GROUPS.items() if f in names}
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses SmolLM2 fixtures of two xdist groups: {sorted(groups)}")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
