@@ -97,11 +97,11 @@ def run_export_cli(argv: Sequence[str]) -> int:
     if not args.atol > 0:
         raise InputError(f"--atol must be positive, got {args.atol}", "pass e.g. --atol 1e-4")
     output = args.output or _default_output(args.model, args.pairs)
-    # Parse once with a huge layer count so syntax errors fail before the model is loaded; the range check
-    # against the real depth runs again after loading.
     from layerpair.evaluation.selection import export_selection
 
     decoder_for = export_selection(args)  # None unless --pairs auto / --heal
+    # Parse once with a huge layer count so syntax errors fail before the model is loaded; the range check
+    # against the real depth runs again after loading.
     if args.pairs.strip().lower() != "auto":
         parse_pairs(args.pairs, 1 << 30)
     if args.triton is not None:  # fail before the slow export, not after it

@@ -1,6 +1,6 @@
 """The export job as composable stages (``<Output>From<Input>``), and ``run_export`` that chains them.
 
-    checkpoint_from_source -> decoder_from_checkpoint -> onnx_from_decoder -> agreement_from_onnx
+    checkpoint_from_source -> decoder_from_checkpoint -> onnx_from_decoder -> validation (engine/dtype.py)
 
 Later stages (graph passes, engines, Triton) take the export directory and its report and add to them.
 """
@@ -25,7 +25,7 @@ from layerpair.exporter.loading import Checkpoint, load_checkpoint
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import DEFAULT_OPSET, export_onnx
 from layerpair.exporter.pairs import Pairs
-from layerpair.exporter.validate import Agreement, OrtRunner, TorchRunner, compare_runners
+from layerpair.exporter.validate import Agreement
 from layerpair.iospec import IOSpec
 from layerpair.outdir import staged_output
 
@@ -73,10 +73,6 @@ def onnx_from_decoder(dec: Decoder, path: Path, opset: int, external_data: bool 
         "matmuls": sum(n.op_type == "MatMul" for n in proto.graph.node),
         "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
     }
-
-
-def agreement_from_onnx(path: Path, spec: IOSpec, dec: Decoder, tokenizer: Any) -> dict[str, Agreement]:
-    return compare_runners(OrtRunner(path, spec), spec, TorchRunner(dec), dec.io, tokenizer)
 
 
 def versions() -> dict[str, str]:
@@ -135,17 +131,24 @@ def run_export(
         timings["export"] = time.perf_counter() - t
         progress(f"exported {onnx_info['nodes']} nodes, {onnx_info['bytes'] / 1e6:.0f} MB in {timings['export']:.1f} s")
 
-        t = time.perf_counter()
+        def validated(spec: IOSpec, timing: str, what: str, fix: str) -> dict[str, Agreement]:
+            """Run ORT on OUT/model.onnx against the PyTorch `dec`; raise ValidationError above tolerance."""
+            t = time.perf_counter()
+            agreement = typed.agreement(tmp / "model.onnx", spec, dec, ckpt.tokenizer, progress)
+            timings[timing] = time.perf_counter() - t
+            progress(format_agreement(agreement))
+            bad = tolerance_failures(agreement, opts.dtype, opts.atol, dec, ckpt.tokenizer)
+            if bad:
+                raise ValidationError(f"{what} disagrees with PyTorch: " + "; ".join(bad), fix)
+            return agreement
+
         progress("validating ONNX Runtime against PyTorch (prefill, 4 decode steps, padded batch of 2)")
-        agreement = typed.agreement(tmp / "model.onnx", spec, dec, ckpt.tokenizer, progress)
-        timings["validate"] = time.perf_counter() - t
-        progress(format_agreement(agreement))
-        bad = tolerance_failures(agreement, opts.dtype, opts.atol, dec, ckpt.tokenizer)
-        if bad:
-            raise ValidationError(
-                "ONNX Runtime disagrees with PyTorch: " + "; ".join(bad),
-                "nothing was written; report this model and flags as a bug (or raise --atol if justified)",
-            )
+        agreement = validated(
+            spec,
+            "validate",
+            "ONNX Runtime",
+            "nothing was written; report this model and flags as a bug (or raise --atol if justified)",
+        )
         merge_info: dict[str, Any] = {"merged": False}
         if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
             from layerpair.graph_passes.stage import merged_onnx_from_onnx
@@ -155,18 +158,14 @@ def run_export(
             spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
             onnx_info.update(merge_info.pop("onnx"))
             timings["merge"] = time.perf_counter() - t
-            t = time.perf_counter()
             progress("validating the merged ONNX against PyTorch")
             merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
-            agreement = typed.agreement(tmp / "model.onnx", spec, dec, ckpt.tokenizer, progress)
-            timings["validate_merged"] = time.perf_counter() - t
-            progress(format_agreement(agreement))
-            bad = tolerance_failures(agreement, opts.dtype, opts.atol, dec, ckpt.tokenizer)
-            if bad:
-                raise ValidationError(
-                    "merged ONNX disagrees with PyTorch: " + "; ".join(bad),
-                    "nothing was written; export with --no-merge and report this model and flags as a bug",
-                )
+            agreement = validated(
+                spec,
+                "validate_merged",
+                "merged ONNX",
+                "nothing was written; export with --no-merge and report this model and flags as a bug",
+            )
         if ckpt.tokenizer is not None:
             ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         arch = ckpt.arch
