@@ -114,6 +114,9 @@ def smollm2_checkpoint():  # type: ignore[no-untyped-def]
 # Tests that need the real SmolLM2 share session fixtures that cost minutes each. Under pytest-xdist
 # (`scripts/test.sh` runs `-n 2 --dist loadgroup`) every test of one fixture goes to the same worker, so each
 # fixture is built once; the two SmolLM2 chains run on different workers, the tiny tests fill in around them.
+# xdist 3.8 groups by a suffix it writes to `Item._nodeid`, which pytest 9 no longer reads (it keeps `_id`):
+# there the marks are silently ignored and both workers build the export. pytest is pinned to 8.4, and
+# `pytest_collection_finish` below fails the run loudly if the grouping ever stops taking effect.
 SMOLLM2_GROUPS = {
     "smollm2_lp_export": "smollm2-lp",
     "smollm2_fp16_trt_export": "smollm2-other",
@@ -130,3 +133,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(f"{item.nodeid} uses SmolLM2 fixtures of two xdist groups: {sorted(groups)}")
         if groups:
             item.add_marker(pytest.mark.xdist_group(groups.pop()))
+
+
+@pytest.hookimpl(tryfirst=True)  # on each worker, before xdist sends the collection to the scheduler
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if not session.config.getvalue("loadgroup"):
+        return
+    for item in session.items:
+        for mark in item.iter_markers("xdist_group"):
+            if not item.nodeid.endswith(f"@{mark.args[0]}"):
+                raise pytest.UsageError(
+                    f"{item.nodeid}: xdist_group({mark.args[0]!r}) is not applied by this pytest/pytest-xdist "
+                    "pair; the SmolLM2 fixtures would be built on both workers — use the pinned versions"
+                )
