@@ -137,7 +137,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(tryfirst=True)  # on each worker, before xdist sends the collection to the scheduler
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if not session.config.getvalue("loadgroup"):
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
         return
     for item in session.items:
         for mark in item.iter_markers("xdist_group"):

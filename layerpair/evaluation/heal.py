@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerpair.errors import InputError
-from layerpair.evaluation.forward import attn_ctx, blocks_from_pairs, embed, run_block, window_context
+from layerpair.evaluation.forward import attention, attn_ctx, blocks_from_pairs, embed, run_block, window_context
 from layerpair.evaluation.metrics import DEFAULT_BATCH
 from layerpair.exporter.model import Decoder, Layer
 
@@ -152,7 +152,7 @@ def heal_pairs(
                     ca = attn_ctx(na, na.input_layernorm(x), c, dec.arch.window(a))
                     cb = attn_ctx(nb, nb.input_layernorm(x), c, dec.arch.window(b))
                     y1 = run_block(dec, (a,), x, c)
-                    seq_attn = _attn_out(la, x, c, dec) + _attn_out(lb, y1, c, dec)
+                    seq_attn = attention(la, x, c, dec.arch.window(a)) + attention(lb, y1, c, dec.arch.window(b))
                     att.add(torch.cat([ca, cb], -1), seq_attn - _obias(na) - _obias(nb))
                     feats.append((ca, cb))
                 q = ca.shape[-1]
@@ -176,13 +176,6 @@ def heal_pairs(
                 say(f"healed pair {a}-{b} ({done}/{len(pairs)}): attention residual {before:.3f} -> {after:.3f}")
             xs = [run_block(healed, block, x, c) for x, c in zip(xs, ctxs, strict=True)]
     return healed, report
-
-
-def _attn_out(layer: Layer, x: Tensor, c: Any, dec: Decoder) -> Tensor:
-    out, _, _ = layer.self_attn(
-        layer.input_layernorm(x), c.cos, c.sin, c.k_past, c.k_past, c.keep[dec.arch.window(layer.index)]
-    )
-    return out
 
 
 def _obias(layer: Layer) -> Tensor | float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from layerpair.errors import InputError
@@ -51,6 +53,8 @@ class TorchBackend:
         self.dec = dec
         self.pairs = tuple(dec.pairs if pairs is None else pairs)
         self.name = name
+        # (id of a reference Decoder, first pair) -> (that Decoder, layers shared with it)
+        self.prefix_cache: dict[tuple[int, int], tuple[Decoder, int]] = {}
 
     def logits(self, ids_BW: Tensor) -> Tensor:
         with torch.no_grad():
@@ -69,6 +73,7 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.inputs = self.session.get_inputs()
         self.name = name
+        self.seconds = 0.0  # time spent in session.run, summed over calls
 
     def logits(self, ids_BW: Tensor) -> Tensor:
         B, W = ids_BW.shape
@@ -83,7 +88,9 @@ class OnnxBackend:
                 _, heads, _, d = inp.shape  # [batch, heads, past_sequence, head_dim]; heads/head_dim static
                 dtype = np.float16 if "float16" in inp.type else np.float32
                 feeds[inp.name] = np.zeros((B, int(heads), 0, int(d)), dtype)
+        t = time.perf_counter()
         out = self.session.run([self.session.get_outputs()[0].name], feeds)[0]
+        self.seconds += time.perf_counter() - t
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
 
@@ -104,53 +111,94 @@ class TextMetrics:
 
 
 def _shared_prefix(model: LogitsBackend, ref: LogitsBackend | None) -> int:
-    """Layers both backends run identically (same Decoder, same plan up to the first pair of either): 0 if none."""
-    if not (isinstance(model, TorchBackend) and isinstance(ref, TorchBackend) and model.dec is ref.dec):
+    """Layers both backends compute identically: 0 if none. Both must be PyTorch Decoders whose plans agree up
+    to the first pair of either and whose embedding and layers before it hold equal weights (the same Decoder,
+    or a healed copy: healing only rewrites the pairs' own projections)."""
+    if not (isinstance(model, TorchBackend) and isinstance(ref, TorchBackend)):
         return 0
-    firsts = [a for a, _ in (*model.pairs, *ref.pairs)]
-    return min(firsts, default=model.dec.arch.num_layers)
+    a, b = model.dec, ref.dec
+    start = min((p for p, _ in (*model.pairs, *ref.pairs)), default=a.arch.num_layers)
+    if a is b:
+        return start
+    if a.arch != b.arch:
+        return 0
+    key = (id(b), start)
+    if key not in model.prefix_cache or model.prefix_cache[key][0] is not b:
+        la: Any = a.layers
+        lb: Any = b.layers
+        same = torch.equal(a.embed_tokens, b.embed_tokens) and all(
+            all(torch.equal(x, y) for x, y in zip(la[i].parameters(), lb[i].parameters(), strict=True))
+            for i in range(start)
+        )
+        model.prefix_cache[key] = (b, start if same else 0)
+    return model.prefix_cache[key][1]
 
 
 def _logits_both(model: LogitsBackend, ref: LogitsBackend | None, ids: Tensor) -> tuple[Tensor, Tensor | None]:
     start = _shared_prefix(model, ref)
     if start == 0 or ref is None:
         return model.logits(ids), (ref.logits(ids) if ref is not None else None)
-    # Same weights: run the common prefix once (an LP model with late pairs saves most of the reference's cost).
+    # Equal weights up to ``start``: run that prefix once (an LP model with late pairs saves most of the
+    # reference's cost), then each model its own remaining blocks and head.
     assert isinstance(model, TorchBackend) and isinstance(ref, TorchBackend)
-    dec = model.dec
-    c = window_context(dec, *ids.shape)
-    x = hidden_until(dec, ids, start, (), c)
-    return logits_from_hidden(dec, x, start, model.pairs, c), logits_from_hidden(dec, x, start, ref.pairs, c)
+    c = window_context(model.dec, *ids.shape)
+    x = hidden_until(model.dec, ids, start, (), c)
+    return logits_from_hidden(model.dec, x, start, model.pairs, c), logits_from_hidden(ref.dec, x, start, ref.pairs, c)
 
 
 def text_metrics(
     model: LogitsBackend, windows: Tensor, ref: LogitsBackend | None = None, batch: int = DEFAULT_BATCH
 ) -> TextMetrics:
     """Perplexity of ``model`` over ``windows`` [N,W]; with ``ref``, also its perplexity, top-1 and KL."""
+    return text_metrics_many([model], windows, ref, batch)[0]
+
+
+def text_metrics_many(
+    models: Sequence[LogitsBackend], windows: Tensor, ref: LogitsBackend | None = None, batch: int = DEFAULT_BATCH
+) -> list[TextMetrics]:
+    """``text_metrics`` of several backends in one pass: the reference runs once per batch for all of them
+    (``eval --onnx`` scores the PyTorch and the ONNX model against one reference forward)."""
     N, W = windows.shape
-    nll_sum, ref_nll_sum, kl_sum, agree = 0.0, 0.0, 0.0, 0
+    k = len(models)
+    nll_sum, kl_sum, agree = [0.0] * k, [0.0] * k, [0] * k
+    ref_nll_sum = 0.0
     for i in range(0, N, batch):
         ids = windows[i : i + batch]
-        tgt = ids[:, 1:]  # position t predicts token t+1
-        logits, ref_logits = _logits_both(model, ref, ids)
-        # fp32 log-softmax (the logits are fp32 on every backend), sums accumulated in fp64.
-        lp = torch.log_softmax(logits[:, :-1], dim=-1)  # [b,W-1,V]
-        nll_sum -= float(lp.gather(-1, tgt.unsqueeze(-1)).sum(dtype=torch.float64))
-        if ref_logits is not None:
-            rlp = torch.log_softmax(ref_logits[:, :-1], dim=-1)
-            ref_nll_sum -= float(rlp.gather(-1, tgt.unsqueeze(-1)).sum(dtype=torch.float64))
-            kl_sum += float((rlp.exp() * (rlp - lp)).sum(dtype=torch.float64))
-            agree += int((ref_logits[:, :-1].argmax(-1) == logits[:, :-1].argmax(-1)).sum())
-            del rlp
-        del lp, logits, ref_logits
+        tgt = ids[:, 1:].unsqueeze(-1)  # position t predicts token t+1
+        rlp: Tensor | None = None
+        ref_top: Tensor | None = None
+        for j, model in enumerate(models):
+            if j == 0:
+                logits, ref_logits = _logits_both(model, ref, ids)
+                if ref_logits is not None:
+                    # fp32 log-softmax (the logits are fp32 on every backend), sums accumulated in fp64.
+                    rlp = torch.log_softmax(ref_logits[:, :-1], dim=-1)  # [b,W-1,V]
+                    ref_top = ref_logits[:, :-1].argmax(-1)
+                    ref_nll_sum -= float(rlp.gather(-1, tgt).sum(dtype=torch.float64))
+                del ref_logits
+            else:
+                logits = model.logits(ids)
+            lp = torch.log_softmax(logits[:, :-1], dim=-1)  # [b,W-1,V]
+            nll_sum[j] -= float(lp.gather(-1, tgt).sum(dtype=torch.float64))
+            if rlp is not None and ref_top is not None:
+                # KL(P_ref || P) per position in one fused kernel, summed over the vocabulary in fp32 (49k terms,
+                # ~1e-7 relative), then across positions in fp64.
+                kl_rows = F.kl_div(lp, rlp, reduction="none", log_target=True).sum(-1)
+                kl_sum[j] += float(kl_rows.sum(dtype=torch.float64))
+                agree[j] += int((ref_top == logits[:, :-1].argmax(-1)).sum())
+            del lp, logits
+        del rlp
     n = N * (W - 1)
-    m = TextMetrics(ppl=math.exp(nll_sum / n), nll=nll_sum / n, scored_tokens=n, windows=N, window=W)
-    if ref is not None:
-        m.ref_ppl = math.exp(ref_nll_sum / n)
-        m.ppl_ratio = m.ppl / m.ref_ppl
-        m.top1 = agree / n
-        m.kl = kl_sum / n
-    return m
+    out = []
+    for j in range(k):
+        m = TextMetrics(ppl=math.exp(nll_sum[j] / n), nll=nll_sum[j] / n, scored_tokens=n, windows=N, window=W)
+        if ref is not None:
+            m.ref_ppl = math.exp(ref_nll_sum / n)
+            m.ppl_ratio = m.ppl / m.ref_ppl
+            m.top1 = agree[j] / n
+            m.kl = kl_sum[j] / n
+        out.append(m)
+    return out
 
 
 def nll_of_logits(logits: Tensor, ids: Tensor) -> float:

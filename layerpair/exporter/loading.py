@@ -164,9 +164,10 @@ def load_checkpoint(name: str, progress: Any = None) -> Checkpoint:
     )
     kw = _pretrained_kwargs(src)
     try:
-        # Eager attention: transformers' reference path, and no SDPA kernels needed.
+        # Eager attention: transformers' reference path, and no SDPA kernels needed. The config read above is
+        # passed on: without it transformers parses the GGUF metadata a second time (~7 s for SmolLM2).
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            src.location, dtype=torch.float32, attn_implementation="eager", **kw
+            src.location, config=cfg, dtype=torch.float32, attn_implementation="eager", **kw
         )
     except Exception as e:
         raise ModelLoadError(

@@ -74,9 +74,26 @@ class Attention(nn.Module):
     def forward(
         self, xn: Tensor, cos: Tensor, sin: Tensor, k_past: Tensor, v_past: Tensor, keep_B1ST: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
+        q_BHSD, k_BKSD, v_BKSD = self.project(xn, cos, sin)
+        k_BKTD = torch.cat([k_past, k_BKSD], dim=2)  # present = past ++ new  [B,KVH,T,D]
+        v_BKTD = torch.cat([v_past, v_BKSD], dim=2)
+        a = self.arch
+        B, H, S, D = q_BHSD.shape
+        KVH, G = a.num_kv_heads, a.num_groups
+        # Grouped-query attention without repeating K/V: view q as [B,KVH,G,S,D] and broadcast K/V over G.
+        q_BKGSD = q_BHSD.reshape(B, KVH, G, S, D)
+        scores = (q_BKGSD @ k_BKTD.unsqueeze(2).transpose(-1, -2)) * a.attn_scale  # [B,KVH,G,S,T]
+        scores32 = torch.where(keep_B1ST.unsqueeze(1), scores.float(), torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores32, dim=-1).to(q_BHSD.dtype)
+        ctx_BKGSD = probs @ v_BKTD.unsqueeze(2)
+        ctx = ctx_BKGSD.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+        return self.output(ctx), k_BKTD, v_BKTD
+
+    def project(self, xn: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B,H,S,D], k and v [B,KVH,S,D] of the new tokens, rotary applied (cos/sin: [B,1,S,D])."""
         a = self.arch
         B, S, _ = xn.shape
-        H, KVH, G, D = a.num_heads, a.num_kv_heads, a.num_groups, a.head_dim
+        H, KVH, D = a.num_heads, a.num_kv_heads, a.head_dim
         q = xn @ self.q_proj
         k = xn @ self.k_proj
         v = xn @ self.v_proj
@@ -89,21 +106,14 @@ class Attention(nn.Module):
         q_BHSD = q_BSHD.transpose(1, 2)
         k_BKSD = k_BSKD.transpose(1, 2)
         v_BKSD = v.view(B, S, KVH, D).transpose(1, 2)
-        q_BHSD = q_BHSD * cos + rotate_half(q_BHSD) * sin  # cos/sin: [B,1,S,D]
+        q_BHSD = q_BHSD * cos + rotate_half(q_BHSD) * sin
         k_BKSD = k_BKSD * cos + rotate_half(k_BKSD) * sin
-        k_BKTD = torch.cat([k_past, k_BKSD], dim=2)  # present = past ++ new  [B,KVH,T,D]
-        v_BKTD = torch.cat([v_past, v_BKSD], dim=2)
-        # Grouped-query attention without repeating K/V: view q as [B,KVH,G,S,D] and broadcast K/V over G.
-        q_BKGSD = q_BHSD.reshape(B, KVH, G, S, D)
-        scores = (q_BKGSD @ k_BKTD.unsqueeze(2).transpose(-1, -2)) * a.attn_scale  # [B,KVH,G,S,T]
-        scores32 = torch.where(keep_B1ST.unsqueeze(1), scores.float(), torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores32, dim=-1).to(q_BHSD.dtype)
-        ctx_BKGSD = probs @ v_BKTD.unsqueeze(2)
-        ctx = ctx_BKGSD.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
-        out = ctx @ self.o_proj
-        if self.o_bias is not None:
-            out = out + self.o_bias
-        return out, k_BKTD, v_BKTD
+        return q_BHSD, k_BKSD, v_BKSD
+
+    def output(self, ctx_BSE: Tensor) -> Tensor:
+        """o_proj (+ bias) of the attention context [B,S,H*D]."""
+        out = ctx_BSE @ self.o_proj
+        return out + self.o_bias if self.o_bias is not None else out
 
 
 class MLP(nn.Module):

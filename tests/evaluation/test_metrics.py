@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,15 @@ from torch import Tensor
 
 from layerpair.errors import InputError
 from layerpair.evaluation.forward import logits_from_ids
-from layerpair.evaluation.metrics import MCItem, TorchBackend, encode_pair, mc_metrics, read_mc, text_metrics
+from layerpair.evaluation.metrics import (
+    MCItem,
+    TorchBackend,
+    encode_pair,
+    mc_metrics,
+    read_mc,
+    text_metrics,
+    text_metrics_many,
+)
 from layerpair.evaluation.text import default_text, split_held_out, windows_from_tokens
 from layerpair.exporter.model import Decoder
 
@@ -78,6 +87,18 @@ def test_top1_and_kl_match_hand_computation() -> None:
     assert same.kl == pytest.approx(0.0, abs=1e-12) and same.top1 == 1.0 and same.ppl_ratio == pytest.approx(1.0)
 
 
+def test_many_backends_in_one_pass_equal_one_at_a_time() -> None:
+    """``eval --onnx`` scores two backends against one reference pass: each gets the figures it gets alone."""
+    ref, a, b = Bigram(1), Bigram(2), Bigram(3)
+    w = torch.randint(0, V, (5, 7), generator=torch.Generator().manual_seed(5))
+    many = text_metrics_many([a, b], w, ref=ref, batch=2)
+    for got, model in zip(many, (a, b), strict=True):
+        alone = text_metrics(model, w, ref=ref, batch=3)
+        for f in ("ppl", "ref_ppl", "ppl_ratio", "top1", "kl"):
+            assert getattr(got, f) == pytest.approx(getattr(alone, f), rel=1e-9), f
+    assert many[0].kl != pytest.approx(many[1].kl)  # different models: the pairing of results is checked
+
+
 def test_block_runner_equals_decoder(tiny_llama: Decoder) -> None:
     ids = torch.randint(0, tiny_llama.arch.vocab_size, (2, 12))
     for pairs in [(), ((1, 2),), ((0, 1), (3, 4))]:
@@ -105,6 +126,33 @@ def test_shared_prefix_shortcut_is_exact(tiny_llama: Decoder) -> None:
     slow = text_metrics(Opaque(lp), w, ref=Opaque(ref), batch=2)
     assert fast.ppl == pytest.approx(slow.ppl, rel=1e-6) and fast.kl == pytest.approx(slow.kl, rel=1e-5, abs=1e-9)
     assert fast.ppl_ratio != pytest.approx(1.0)  # the pair changes the model: the test can fail
+
+
+@pytest.mark.parametrize("change", ["pair_weights", "prefix_weights"])
+def test_shared_prefix_across_decoders_only_when_prefix_weights_are_equal(tiny_llama: Decoder, change: str) -> None:
+    """A healed copy shares the prefix with the original; a copy whose early layers differ must not."""
+    w = torch.randint(0, tiny_llama.arch.vocab_size, (3, 16), generator=torch.Generator().manual_seed(6))
+    other = Decoder(tiny_llama.arch, ((3, 4),))
+    other.load_state_dict(tiny_llama.state_dict())
+    layer: Any = other.layers[3 if change == "pair_weights" else 0]
+    with torch.no_grad():
+        layer.mlp.down_proj.mul_(1.5)
+    lp, ref = TorchBackend(other), TorchBackend(tiny_llama, ())
+    got = text_metrics(lp, w, ref=ref, batch=2)
+    assert next(iter(lp.prefix_cache.values()))[1] == (3 if change == "pair_weights" else 0)
+
+    class Opaque:  # the plain path: each backend runs every layer itself
+        name = "opaque"
+
+        def __init__(self, b: TorchBackend) -> None:
+            self.b = b
+
+        def logits(self, ids: Tensor) -> Tensor:
+            return self.b.logits(ids)
+
+    want = text_metrics(Opaque(lp), w, ref=Opaque(ref), batch=2)
+    assert got.ppl == pytest.approx(want.ppl, rel=1e-6) and got.kl == pytest.approx(want.kl, rel=1e-5, abs=1e-9)
+    assert got.ref_ppl == pytest.approx(want.ref_ppl, rel=1e-6)
 
 
 def _char_encode(s: str) -> list[int]:
