@@ -10,6 +10,12 @@ if [ ! -x .cache/pytriton/pytriton/tritonserver/bin/tritonserver ]; then
   python -m pip install -q --no-deps --target .cache/pytriton nvidia-pytriton==0.7.0 2> >(grep -v "^WARNING: Location" >&2)
 fi
 export LAYERPAIR_TRITONSERVER_DIR="$PWD/.cache/pytriton/pytriton/tritonserver"
+# lm-evaluation-harness API modules for the adapter test (its task dependencies are not needed there, and the
+# project does not depend on it): also kept out of the venv.
+if [ ! -d .cache/lm_eval/lm_eval ]; then
+  python -m pip install -q --no-deps --target .cache/lm_eval lm_eval==0.4.13 2> >(grep -v "^WARNING: Location" >&2)
+fi
+export LAYERPAIR_LM_EVAL_DIR="$PWD/.cache/lm_eval"
 ruff check layerpair tests benchmarks
 ruff format --check layerpair tests benchmarks
 mypy layerpair

@@ -4,8 +4,9 @@
                           [--heal] [--json OUT.json]
     layerpair-export eval MODEL --pairs auto --max-ppl-increase 5% [--target-depth N] [--plot frontier.png]
 
-Evaluation reads the first ``--tokens`` tokens of the text; calibration (``--pairs auto``, ``--heal``) reads the
-last ``--calib-tokens`` tokens of the same text (or of ``--calib-text``), never overlapping.
+Evaluation reads the first ``--tokens`` tokens of the text; calibration reads the last tokens of the same text
+(or of ``--calib-text``), never overlapping: ``--calib-tokens`` (default 2048) for the ``--pairs auto`` search,
+``--heal-tokens`` (default 16384, capped by the text) for ``--heal``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from layerpair.errors import InputError, OutputError, ValidationError
 from layerpair.evaluation.metrics import DEFAULT_BATCH, MCItem, OnnxBackend, TorchBackend, mc_metrics, read_mc
 from layerpair.evaluation.metrics import text_metrics_many as compute_text_metrics_many
-from layerpair.evaluation.text import DEFAULT_WINDOW, encoder, read_text, windows_from_tokens
+from layerpair.evaluation.text import DEFAULT_WINDOW, check_text_arg, encoder, text_from_arg, windows_from_tokens
 
 DEFAULT_TOKENS = 8192
 DEFAULT_CALIB_TOKENS = 2048
@@ -44,8 +45,15 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plot", type=Path, default=None, help="--pairs auto: save the frontier as this PNG")
     g.add_argument("--heal", action="store_true", help="refit each pair's o_proj/down_proj on calibration text")
     g.add_argument("--heal-damping", type=float, default=None, help="ridge damping of --heal (default 1e-2)")
-    g.add_argument("--calib-text", type=Path, default=None, help="calibration text (default: the end of --text)")
-    g.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"default {DEFAULT_CALIB_TOKENS}")
+    g.add_argument(
+        "--calib-text", default=None, help="calibration text file or hf:PATH[:CONFIG]:SPLIT (default: end of --text)"
+    )
+    g.add_argument(
+        "--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"--pairs auto (default {DEFAULT_CALIB_TOKENS})"
+    )
+    g.add_argument(
+        "--heal-tokens", type=int, default=None, help="--heal calibration tokens (default 16384, capped by the text)"
+    )
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -58,11 +66,18 @@ def eval_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--pairs", default="none", help="S:E, a list like 10-11,14-15, none, or auto")
-    p.add_argument("--text", type=Path, default=None, help="UTF-8 text (default: CPython's pydoc_data.topics prose)")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="UTF-8 text file, or hf:PATH[:CONFIG]:SPLIT (datasets) (default: CPython's pydoc_data.topics prose)",
+    )
+    p.add_argument("--text-field", default="text", help="column of an hf: --text / --calib-text (default: text)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to score (default {DEFAULT_TOKENS})")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"window length (default {DEFAULT_WINDOW})")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="windows per forward (default 4)")
-    p.add_argument("--mc", type=Path, default=None, help="multiple-choice JSONL {question, choices, answer}")
+    p.add_argument(
+        "--mc", default=None, help="multiple-choice JSONL {question, choices, answer}, or hf:PATH[:CONFIG]:SPLIT"
+    )
     p.add_argument("--onnx", type=Path, default=None, help="export directory (model.onnx) to evaluate as well")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
@@ -75,22 +90,31 @@ def _check_args(a: argparse.Namespace) -> None:
     from layerpair.evaluation.selection import check_selection_args
     from layerpair.exporter.pairs import parse_pairs
 
-    for name in ("tokens", "window", "batch", "calib_tokens"):
+    for name in ("tokens", "window", "batch", "calib_tokens", "heal_tokens"):
         v = getattr(a, name)
-        if v < 1:
+        if v is not None and v < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {v}", "pass a positive integer")
     if a.tokens < a.window:
         raise InputError(f"--tokens {a.tokens} is shorter than one window ({a.window})", f"pass --tokens >= {a.window}")
     check_selection_args(a)
     if a.pairs.strip().lower() != "auto":
         parse_pairs(a.pairs, 1 << 30)  # syntax only; the range check runs once the depth is known
-    for f in (a.text, a.calib_text, a.mc):
-        if f is not None and not f.is_file():
-            raise InputError(f"file '{f}' not found", "check the path")
+    for f, flag in ((a.text, "--text"), (a.calib_text, "--calib-text"), (a.mc, "--mc")):
+        check_text_arg(f, flag)
     if a.onnx is not None and not (a.onnx / "model.onnx").is_file() and a.onnx.suffix != ".onnx":
         raise InputError(f"'{a.onnx}' holds no model.onnx", "pass an export directory written by layerpair-export")
     if a.json is not None and a.json.parent.exists() and not os.access(a.json.parent, os.W_OK):
         raise OutputError(f"cannot write '{a.json}'", "choose a writable --json location")
+
+
+def read_mc_arg(arg: str) -> list[MCItem]:
+    """``--mc``: a JSONL file or ``hf:PATH[:CONFIG]:SPLIT``."""
+    from layerpair.evaluation import hfdata
+
+    if hfdata.is_hf(arg):
+        spec = hfdata.parse_spec(arg)
+        return hfdata.mc_from_rows(hfdata.load_rows(spec), spec)
+    return read_mc(Path(arg))
 
 
 def _rel(a: float, b: float) -> float:
@@ -102,8 +126,8 @@ def run_eval_cli(argv: Sequence[str]) -> int:
     _check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    mc_items: list[MCItem] | None = read_mc(a.mc) if a.mc else None
-    text = read_text(a.text)  # empty / unreadable text fails before the model loads
+    mc_items: list[MCItem] | None = read_mc_arg(a.mc) if a.mc else None
+    text = text_from_arg(a.text, a.text_field)  # empty / unreadable text fails before the model loads
 
     from layerpair.evaluation.selection import select_pairs
     from layerpair.exporter.loading import load_checkpoint
@@ -119,7 +143,7 @@ def run_eval_cli(argv: Sequence[str]) -> int:
     encode = encoder(ck.tokenizer)
     tokens = encode(text)
     ev = windows_from_tokens(tokens, a.window, a.tokens)
-    calib_tokens = tokens if a.calib_text is None else encode(read_text(a.calib_text))
+    calib_tokens = tokens if a.calib_text is None else encode(text_from_arg(a.calib_text, a.text_field))
     sel = select_pairs(a, dec0, calib_tokens, same_text=a.calib_text is None, eval_windows=ev, progress=say)
     report: dict[str, Any] = {
         "model": a.model,

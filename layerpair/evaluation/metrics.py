@@ -287,6 +287,28 @@ def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx) :]
 
 
+def continuation_logprobs(
+    backend: LogitsBackend, reqs: Sequence[tuple[list[int], int]], batch: int = 8
+) -> list[tuple[float, bool]]:
+    """For each (tokens, n): summed log-probability of the last n tokens given the ones before, and whether
+    each of them is the argmax (the harness's ``is_greedy``). Right padding needs no mask: causal attention
+    never lets a real position see a later pad token."""
+    out: list[tuple[float, bool]] = []
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i : i + batch]
+        L = max(len(f) for f, _ in chunk)
+        ids = torch.zeros(len(chunk), L, dtype=torch.long)
+        for j, (f, _) in enumerate(chunk):
+            ids[j, : len(f)] = torch.tensor(f)
+        lp = torch.log_softmax(backend.logits(ids).double(), dim=-1)  # [b,L,V]
+        for j, (f, n) in enumerate(chunk):
+            pos = torch.arange(len(f) - 1 - n, len(f) - 1)  # logits at t predict token t+1
+            tgt = torch.tensor(f[len(f) - n :])
+            rows = lp[j, pos]  # [n,V]
+            out.append((float(rows[torch.arange(n), tgt].sum()), bool((rows.argmax(-1) == tgt).all())))
+    return out
+
+
 def mc_metrics(
     model: LogitsBackend, items: Sequence[MCItem], encode: Encode, batch: int = 8, max_length: int = 2048
 ) -> MCMetrics:
@@ -299,18 +321,7 @@ def mc_metrics(
                 raise InputError(f"choice {choice!r} encodes to no tokens", "use non-empty choice texts")
             full = (ctx + cont)[-(max_length + 1) :]  # left-truncate like the harness
             reqs.append((full, len(cont)))
-    lls: list[float] = []
-    for i in range(0, len(reqs), batch):
-        chunk = reqs[i : i + batch]
-        L = max(len(f) for f, _ in chunk)
-        # Right padding needs no mask: causal attention never lets a real position see a later pad token.
-        ids = torch.zeros(len(chunk), L, dtype=torch.long)
-        for j, (f, _) in enumerate(chunk):
-            ids[j, : len(f)] = torch.tensor(f)
-        lp = torch.log_softmax(model.logits(ids).double(), dim=-1)
-        for j, (f, n) in enumerate(chunk):
-            pos = torch.arange(len(f) - 1 - n, len(f) - 1)  # logits at t predict token t+1
-            lls.append(float(lp[j, pos, torch.tensor(f[len(f) - n :])].sum()))
+    lls = [ll for ll, _ in continuation_logprobs(model, reqs, batch)]
     out = MCMetrics(acc=0.0, acc_norm=0.0, items=len(items))
     k = 0
     hit = hit_norm = 0

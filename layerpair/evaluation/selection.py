@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from layerpair.errors import InputError
-from layerpair.evaluation.text import DEFAULT_WINDOW, windows_from_tokens
+from layerpair.evaluation.text import DEFAULT_WINDOW, check_text_arg, windows_from_tokens
 from layerpair.exporter.model import Decoder
 
 Pairs = tuple[tuple[int, int], ...]
+DEFAULT_HEAL_TOKENS = 16384
 
 
 @dataclass
@@ -66,7 +67,7 @@ def select_pairs(
     auto = a.pairs.strip().lower() == "auto"
     report: dict[str, Any] = {}
     cal: torch.Tensor | None = None
-    if auto or a.heal:
+    if auto:
         cal = calibration_windows(calib_tokens, a.calib_tokens, window, eval_windows if same_text else None)
     if auto:
         assert cal is not None
@@ -81,13 +82,31 @@ def select_pairs(
     else:
         pairs = parse_pairs(a.pairs, dec0.arch.num_layers)
     if a.heal and pairs:
-        assert cal is not None
+        used = eval_windows.numel() if (same_text and eval_windows is not None) else 0
+        n_heal = heal_windows(calib_tokens, getattr(a, "heal_tokens", None), window, used, say)
+        heal_cal = calibration_windows(calib_tokens, n_heal, window, eval_windows if same_text else None)
         damping = a.heal_damping or DEFAULT_DAMPING
-        say(f"healing {len(pairs)} pairs on {cal.numel()} calibration tokens (ridge damping {damping:g})")
-        dec, rep = heal_pairs(dec0, pairs, cal, damping=damping, progress=say)
+        say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {damping:g})")
+        dec, rep = heal_pairs(dec0, pairs, heal_cal, damping=damping, progress=say)
         report["heal"] = rep.to_json()
         return Selection(pairs, dec, report)
     return Selection(pairs, with_pairs(dec0, pairs), report)
+
+
+def heal_windows(
+    tokens: Sequence[int], requested: int | None, window: int, used_by_eval: int, say: Callable[[str], None]
+) -> int:
+    """Calibration tokens for ``--heal``: ``--heal-tokens`` as given (strict), or by default DEFAULT_HEAL_TOKENS
+    capped to what the text holds after the evaluation tokens (the ridge fits have 2 x intermediate features
+    per pair, so they need many more tokens than the search; see docs/accuracy.md)."""
+    if requested is not None:
+        return requested
+    room = (len(tokens) - used_by_eval) // window * window
+    if room < window:
+        return window  # calibration_windows raises the overlap error with the numbers
+    if room < DEFAULT_HEAL_TOKENS:
+        say(f"--heal: the text leaves {room} calibration tokens (default {DEFAULT_HEAL_TOKENS}); healing on those")
+    return min(DEFAULT_HEAL_TOKENS, room)
 
 
 def check_selection_args(a: argparse.Namespace) -> bool:
@@ -106,8 +125,10 @@ def check_selection_args(a: argparse.Namespace) -> bool:
         raise InputError(f"--heal-damping must be positive, got {a.heal_damping}", "pass e.g. 1e-2")
     if a.calib_tokens < 1:
         raise InputError(f"--calib-tokens must be >= 1, got {a.calib_tokens}", "pass e.g. 2048")
-    if a.calib_text is not None and not Path(a.calib_text).is_file():
-        raise InputError(f"file '{a.calib_text}' not found", "check the --calib-text path")
+    heal_tokens = getattr(a, "heal_tokens", None)
+    if heal_tokens is not None and heal_tokens < 1:
+        raise InputError(f"--heal-tokens must be >= 1, got {heal_tokens}", f"pass e.g. {DEFAULT_HEAL_TOKENS}")
+    check_text_arg(a.calib_text, "--calib-text")
     return auto or bool(a.heal)
 
 
@@ -120,12 +141,12 @@ def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, di
         return None
 
     def decoder_for(ckpt: Any) -> tuple[Decoder, dict[str, Any]]:
-        from layerpair.evaluation.text import encoder, read_text
+        from layerpair.evaluation.text import encoder, text_from_arg
 
         if ckpt.tokenizer is None:
             raise InputError("--pairs auto / --heal need the model's tokenizer", "use a checkpoint that ships one")
         dec0 = Decoder.from_hf(ckpt.model, ckpt.arch, ())
-        tokens = encoder(ckpt.tokenizer)(read_text(a.calib_text))
+        tokens = encoder(ckpt.tokenizer)(text_from_arg(a.calib_text, getattr(a, "text_field", "text")))
         say = progress_to_stderr
         sel = select_pairs(a, dec0, tokens, same_text=False, progress=say)
         return sel.decoder, sel.report

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--contig-calib-tokens", type=int, default=1024)
-    p.add_argument("--heal-tokens", type=int, default=4096)
+    p.add_argument("--heal-tokens", type=int, default=16384)
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--candidates", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
@@ -72,7 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"ratio": m.ppl_ratio, "kl": m.kl, "top1": m.top1, "ppl": m.ppl, "ref_ppl": m.ref_ppl}
 
     t0 = time.perf_counter()
-    res = auto_pairs(dec, cal, target_depth=min(depths), beam=a.beam, candidates=a.candidates)
+
+    def say(msg: str) -> None:
+        print(f"[study {time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    say(f"searching pairs down to depth {min(depths)} on {cal.numel()} calibration tokens")
+    res = auto_pairs(dec, cal, target_depth=min(depths), beam=a.beam, candidates=a.candidates, progress=say)
     print(res.table(), file=sys.stderr)
     rows: dict[int, dict[str, Any]] = {}
     for d in depths:
@@ -80,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert pt is not None
         row = rows.setdefault(d, {})
         row["auto"] = {"pairs": pt.pairs, "calib_ratio": pt.ratio, **held_out(TorchBackend(dec, pt.pairs))}
+        say(f"depth {d}: healing {len(pt.pairs)} pairs on {a.heal_tokens} tokens")
         healed, _ = heal_pairs(dec, pt.pairs, calibration_windows(toks, a.heal_tokens, 512, ev))
         row["auto_heal"] = {"pairs": pt.pairs, **held_out(TorchBackend(healed))}
+        say(f"depth {d}: best contiguous range")
         pairs, r = contiguous_choice(
             dec, calibration_windows(toks, a.contig_calib_tokens, 512, ev), dec.arch.num_layers - d
         )

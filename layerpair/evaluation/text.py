@@ -46,6 +46,28 @@ def read_text(path: Path | None) -> str:
     return text
 
 
+def text_from_arg(arg: str | Path | None, field: str = "text") -> str:
+    """``--text`` / ``--calib-text``: None (the default text), a file, or ``hf:PATH[:CONFIG]:SPLIT``."""
+    from layerpair.evaluation import hfdata
+
+    if isinstance(arg, str) and hfdata.is_hf(arg):
+        spec = hfdata.parse_spec(arg)
+        return hfdata.text_from_rows(hfdata.load_rows(spec), spec, field)
+    return read_text(None if arg is None else Path(arg))
+
+
+def check_text_arg(arg: str | Path | None, flag: str) -> None:
+    """Cheap checks before any model loads: the dataset spec parses, or the file exists."""
+    from layerpair.evaluation import hfdata
+
+    if arg is None:
+        return
+    if isinstance(arg, str) and hfdata.is_hf(arg):
+        hfdata.parse_spec(arg)
+    elif not Path(arg).is_file():
+        raise InputError(f"file '{arg}' not found", f"check the {flag} path (or use hf:PATH:SPLIT for a dataset)")
+
+
 def encoder(tokenizer: Any) -> Encode:
     """A Hugging Face tokenizer as ``str -> ids``, without special tokens (no BOS: windows start mid-text)."""
 

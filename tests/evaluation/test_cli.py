@@ -57,6 +57,8 @@ def test_eval_auto_heal_writes_json(
         (["--target-depth", "3"], "only apply to --pairs auto"),
         (["--pairs", "1-3"], "not two adjacent layers"),
         (["--mc", "/nonexistent.jsonl"], "not found"),
+        (["--heal", "--pairs", "1-2", "--heal-tokens", "0"], "--heal-tokens must be >= 1"),
+        (["--text", "hf:only-a-path"], "not a dataset spec"),
     ],
 )
 def test_eval_bad_flags_fail_before_loading(extra: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,6 +79,11 @@ def test_eval_text_errors(
     assert main(["eval", str(tiny_checkpoint_with_tokenizer), "--text", str(short), "--window", "64",
                  "--tokens", "64"]) == 2  # fmt: skip
     assert "shorter than one window" in capsys.readouterr().err
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    assert main(["eval", str(tiny_checkpoint_with_tokenizer), "--text", str(text), "--window", "64", "--tokens",
+                 "256", "--pairs", "1-2", "--heal", "--heal-tokens", "100000"]) == 2  # fmt: skip
+    assert "would overlap" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
     assert main(["eval", str(tiny_checkpoint_with_tokenizer), "--mc", str(bad)]) == 2
@@ -93,5 +100,12 @@ def test_export_pairs_auto_heal_records_choice(
     r = json.loads((out / "report.json").read_text())
     assert r["depth"] == 5 and r["pairs"] == r["auto"]["pairs"] == r["heal"]["pairs"]
     assert r["auto"]["calib_tokens"] == 1024 and r["heal"]["damping"] > 0
+    # --heal defaults to 16384 calibration tokens, capped to the whole (short) calibration text in windows of 512
+    from transformers import AutoTokenizer
+
+    from layerpair.evaluation.text import encoder
+
+    n = len(encoder(AutoTokenizer.from_pretrained(tiny_checkpoint_with_tokenizer))(text_file.read_text()))
+    assert n < 16384 and r["heal"]["calib_tokens"] == 512 * (n // 512)
     # validation ran against the healed PyTorch model and passed (else rc != 0)
     assert all(a["max_abs"] <= 1e-4 for a in r["agreement"].values())
