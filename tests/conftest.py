@@ -18,6 +18,25 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 torch.manual_seed(0)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One fp32 GGUF cache per test run (not the user's ~/.cache), shared by the xdist workers and the CLI
+    subprocesses through the environment: the first SmolLM2 load of the run reads the GGUF, later ones the copy."""
+    if hasattr(config, "workerinput") or "LAYERPAIR_CACHE_DIR" in os.environ:
+        return
+    import tempfile
+
+    os.environ["LAYERPAIR_CACHE_DIR"] = config._layerpair_cache = tempfile.mkdtemp(prefix="layerpair-test-cache-")  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    cache = getattr(config, "_layerpair_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ.pop("LAYERPAIR_CACHE_DIR", None)
+
+
 def tiny_config(arch: str, **overrides: object) -> tf.PretrainedConfig:
     """A tiny random config of each supported family (all four in one place)."""
     common: dict[str, object] = dict(

@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--candidates", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG: calibration frontier and held-out points")
     a = p.parse_args(argv)
     from layerpair.exporter.loading import load_checkpoint
 
@@ -97,7 +98,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(rows))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
+    if a.plot:
+        plot_study(out, a.plot)
     return 0
+
+
+def plot_study(out: dict[str, Any], path: Path) -> None:
+    """Depth -> perplexity ratio: the search frontier on calibration text, and the held-out points of the best
+    contiguous range, ``--pairs auto`` and ``--pairs auto --heal`` (``out`` as written by ``--json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {int(d): r for d, r in out["rows"].items()}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    front = sorted((p["depth"], p["ratio"]) for p in out["auto"]["frontier"])
+    ax.plot([d for d, _ in front], [r for _, r in front], "o-", color="#999", label="auto, calibration text")
+    for key, style, label in (
+        ("contiguous", "s--", "best contiguous range, held out"),
+        ("auto", "o-", "--pairs auto, held out"),
+        ("auto_heal", "^-", "--pairs auto --heal, held out"),
+    ):
+        pts = sorted((d, r[key]["ratio"]) for d, r in rows.items() if key in r)
+        ax.plot([d for d, _ in pts], [r for _, r in pts], style, label=label)
+    ax.axhline(1.15, color="#c44", lw=0.8, ls=":", label="goal x1.15 at depth 24")
+    ax.set_xlabel("depth (layers after pairing)")
+    ax.set_ylabel("perplexity ratio vs original")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{out['args']['model']}: held-out = first {out['args']['eval_tokens']} tokens", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def markdown_table(rows: dict[int, dict[str, Any]]) -> str:

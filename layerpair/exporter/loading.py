@@ -7,10 +7,12 @@ fails in a second rather than after a multi-GB load.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -147,20 +149,101 @@ def _load_config(src: Source) -> Any:
         ) from None
 
 
-def load_checkpoint(name: str, progress: Any = None) -> Checkpoint:
-    """Resolve, check the architecture, then load weights (fp32) and tokenizer."""
+def gguf_cache_dir(src: Source) -> Path | None:
+    """Where the dequantised fp32 copy of a GGUF checkpoint is kept, or None (not a GGUF, or disabled).
+
+    transformers re-reads and dequantises a GGUF on every load (~30 s for SmolLM2, most of it parsing the file
+    three times: config, weights, tokenizer); a saved fp32 Hugging Face directory loads in ~4 s. The key covers
+    the file (path, size, mtime) and the transformers/torch versions that produced the copy, so a changed file
+    or upgrade never reads a stale copy. ``LAYERPAIR_GGUF_CACHE=0`` disables it; ``LAYERPAIR_CACHE_DIR`` moves
+    it (default ``~/.cache/layerpair``; ~4 bytes per parameter).
+    """
+    if not src.gguf_file or os.environ.get("LAYERPAIR_GGUF_CACHE", "1") == "0":
+        return None
     import torch
     import transformers
 
+    f = (Path(src.location) / src.gguf_file).resolve()
+    st = f.stat()
+    ident = [str(f), st.st_size, st.st_mtime_ns, transformers.__version__, torch.__version__]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LAYERPAIR_CACHE_DIR") or Path.home() / ".cache" / "layerpair").expanduser()
+    return root / "gguf-fp32" / f"{f.stem}-{key}"
+
+
+_CACHE_DONE = "layerpair-cache-complete"
+
+
+def _write_gguf_cache(model: Any, tokenizer: Any, src: Source, cache: Path, say: Any) -> None:
+    """Save the fp32 copy atomically (temporary sibling, then rename); any failure only costs the speed-up."""
+    import copy
+
+    import transformers
+
+    tmp = cache.parent / f".{cache.name}.{os.getpid()}.partial"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf") although its weights are plain fp32
+        # after dequantisation: copy them into a model built from the config without the GGUF marker.
+        cfg = copy.deepcopy(model.config)
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied head may be absent
+            raise ValueError(f"state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        plain.save_pretrained(tmp)
+        del plain
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "layerpair-source.json").write_text(json.dumps({"gguf": str(Path(src.location) / str(src.gguf_file))}))
+        (tmp / _CACHE_DONE).write_text("")
+        if not cache.exists():  # another process may have written it meanwhile: keep theirs
+            tmp.rename(cache)
+            say(f"cached the fp32 copy in {cache} (next loads take seconds; LAYERPAIR_GGUF_CACHE=0 disables)")
+    except Exception as e:  # the cache is an optimisation: never fail a load because of it
+        if not cache.exists():
+            say(f"could not cache the fp32 copy in {cache} ({_first_line(e)}); the next load re-reads the GGUF")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(name: str, progress: Any = None) -> Checkpoint:
+    """Resolve, check the architecture, then load weights (fp32) and tokenizer."""
     say = progress or (lambda msg: None)
     src = resolve_source(name)
     t0 = time.perf_counter()
+    cache = gguf_cache_dir(src)
+    if cache is not None and (cache / _CACHE_DONE).is_file():
+        try:
+            model, tokenizer, arch = _load(Source(src.name, "directory", str(cache)), say, cached_from=src.gguf_file)
+        except ModelLoadError as e:  # a damaged copy: say so, drop it, and fall back to the GGUF itself
+            say(f"the cached fp32 copy in {cache} is unreadable ({e.problem}); re-reading the GGUF")
+            shutil.rmtree(cache, ignore_errors=True)
+        else:
+            say(f"loaded in {time.perf_counter() - t0:.1f} s")
+            return Checkpoint(name, src.kind, src.location, model.eval(), tokenizer, arch)
+    model, tokenizer, arch = _load(src, say)
+    if cache is not None:
+        _write_gguf_cache(model, tokenizer, src, cache, say)
+    say(f"loaded in {time.perf_counter() - t0:.1f} s")
+    return Checkpoint(name, src.kind, src.location, model.eval(), tokenizer, arch)
+
+
+def _load(src: Source, say: Any, cached_from: str | None = None) -> tuple[Any, Any, ArchSpec]:
+    import torch
+    import transformers
+
     cfg = _load_config(src)
     arch = ArchSpec.from_hf_config(cfg)  # raises UnsupportedModelError before any weight is read
+    how = (
+        f" (cached fp32 copy of {cached_from})"
+        if cached_from
+        else (" (GGUF dequantised to fp32)" if src.gguf_file else "")
+    )
     say(
         f"{arch.model_type}: {arch.num_layers} layers, hidden {arch.hidden_size}, "
-        f"{arch.num_heads}/{arch.num_kv_heads} heads — loading weights"
-        + (" (GGUF dequantised to fp32)" if src.gguf_file else "")
+        f"{arch.num_heads}/{arch.num_kv_heads} heads — loading weights" + how
     )
     kw = _pretrained_kwargs(src)
     try:
@@ -181,5 +264,4 @@ def load_checkpoint(name: str, progress: Any = None) -> Checkpoint:
         # `generate` will ask for one.
         say(f"no usable tokenizer ({_first_line(e)}); continuing without one")
         tokenizer = None
-    say(f"loaded in {time.perf_counter() - t0:.1f} s")
-    return Checkpoint(name, src.kind, src.location, model.eval(), tokenizer, arch)
+    return model, tokenizer, arch

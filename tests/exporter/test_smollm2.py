@@ -27,6 +27,33 @@ def test_main_job_report(smollm2_lp_export: Path) -> None:
     assert (smollm2_lp_export / "tokenizer").is_dir()
 
 
+def test_gguf_fp32_cache_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second load of the embedded GGUF reads the cached fp32 copy: same architecture, bit-identical
+    weights, same tokenizer (ids, chat template, EOS)."""
+    from layerpair.evaluation.text import default_text
+    from layerpair.exporter.loading import gguf_cache_dir, load_checkpoint, resolve_source
+
+    monkeypatch.setenv("LAYERPAIR_CACHE_DIR", str(tmp_path))
+    cache = gguf_cache_dir(resolve_source("smollm2-135m"))
+    assert cache is not None and cache.parent.parent == tmp_path and not cache.exists()
+    said: list[str] = []
+    a = load_checkpoint("smollm2-135m", said.append)
+    assert (cache / "model.safetensors").is_file() and any("GGUF dequantised" in m for m in said)
+    said.clear()
+    b = load_checkpoint("smollm2-135m", said.append)
+    assert any("cached fp32 copy" in m for m in said), said
+    assert a.arch == b.arch and a.kind == b.kind == "embedded"
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    text = default_text()[:20000]
+    assert a.tokenizer(text)["input_ids"] == b.tokenizer(text)["input_ids"]
+    assert (
+        a.tokenizer.chat_template == b.tokenizer.chat_template and a.tokenizer.eos_token_id == b.tokenizer.eos_token_id
+    )
+    monkeypatch.setenv("LAYERPAIR_GGUF_CACHE", "0")
+    assert gguf_cache_dir(resolve_source("smollm2-135m")) is None
+
+
 def test_no_pairs_matches_transformers(smollm2_checkpoint, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """--pairs none: ONNX Runtime logits == transformers' own LlamaForCausalLM on SmolLM2 (RoPE base 100000)."""
     ck = smollm2_checkpoint
