@@ -126,6 +126,9 @@ def plot_study(out: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("depth (layers after pairing)")
     ax.set_ylabel("perplexity ratio vs original")
     ax.set_yscale("log")
+    fmt = matplotlib.ticker.FormatStrFormatter("x%.2f")  # ratios, not powers of ten
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
     ax.invert_xaxis()
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
