@@ -47,28 +47,13 @@ def prepare_checkpoint(dest: Path, say: Any) -> dict[str, Any]:
     """
     info: dict[str, Any] = {"path": str(dest)}
     if not (dest / "config.json").is_file():
-        from layerpair.exporter.loading import load_checkpoint
+        from layerpair.exporter.loading import load_checkpoint, save_fp32_copy
 
         say(f"saving SmolLM2-135M as a Hugging Face directory to {dest}")
-        import copy
-
-        import torch
-        import transformers
-
         ck = load_checkpoint("smollm2-135m")
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); its weights are plain fp32
-        # after dequantisation, so copy them into a fresh model built from the config without the GGUF marker.
-        cfg = copy.deepcopy(ck.model.config)
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        fresh = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        missing, unexpected = fresh.load_state_dict(ck.model.state_dict(), strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:  # tied head may be absent
-            raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-        fresh.save_pretrained(str(tmp))
-        ck.tokenizer.save_pretrained(str(tmp))
+        save_fp32_copy(ck.model, ck.tokenizer, tmp)
         tmp.rename(dest)
     cfg_path = dest / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -256,28 +256,41 @@ def _bytes(m: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
-def main_torch(c: Ctx, model: str, arch: ArchSpec, pairs: Pairs) -> None:
-    s = c.s
-    dec = random_decoder(arch)
-    lp = with_pairs(dec, pairs)
+def _four_models(dec: Any, pairs: Pairs) -> list[tuple[str, torch.nn.Module, int, str | None]]:
+    """(name, module, pairs, baseline) of the four compared forms: the original, LP unmerged, the original with
+    single layers fused, and LP merged (whose baseline is the fused original, so the ratio isolates pairing)."""
     fused, merged = wide_pair(dec, pairs)
     k = len(pairs)
-    models = {
-        "original": (dec, 0, None),
-        "lp_unmerged": (lp, k, "original"),
-        "original_fused": (fused, 0, None),
-        "lp_merged": (merged, k, "original_fused"),
-    }
+    return [
+        ("original", dec, 0, None),
+        ("lp_unmerged", with_pairs(dec, pairs), k, "original"),
+        ("original_fused", fused, 0, None),
+        ("lp_merged", merged, k, "original_fused"),
+    ]
+
+
+def _torch_variants(
+    models: Sequence[tuple[str, torch.nn.Module, int, str | None]], phase: str, s: Settings, steps: int, seq: int
+) -> list[Variant]:
+    """One timed closure per model: ``steps`` greedy decode steps, or a prefill of ``seq`` tokens."""
+    vs = []
+    for name, m, n, base in models:
+        step, empty = _torch_step(m)
+        io: Any = m.io
+        run = (
+            decode_fn(step, empty, io, s, steps, True)
+            if phase == "decode"
+            else prefill_fn(step, empty, io, s.batch, seq, True)
+        )
+        vs.append(Variant(name, run, n, base))
+    return vs
+
+
+def main_torch(c: Ctx, model: str, arch: ArchSpec, pairs: Pairs) -> None:
+    s = c.s
+    forms = _four_models(random_decoder(arch), pairs)
     for phase in ("decode", "prefill"):
-        vs = []
-        for name, (m, n, base) in models.items():
-            step, empty = _torch_step(m)
-            run = (
-                decode_fn(step, empty, m.io, s, s.steps, True)
-                if phase == "decode"
-                else prefill_fn(step, empty, m.io, s.batch, s.prefill_seq, True)
-            )
-            vs.append(Variant(name, run, n, base))
+        vs = _torch_variants(forms, phase, s, s.steps, s.prefill_seq)
         c.say(f"torch eager {phase}: {model}, pairs {list(pairs)}")
         samples = interleaved(vs, s.repeats, s.warmup)
         extra = {"seq": s.prefill_seq} if phase == "prefill" else {}
@@ -445,27 +458,12 @@ def scaling_size(c: Ctx, models: Sequence[str]) -> None:
                         )
                     )
                 continue
-            dec = random_decoder(arch)
-            lp = with_pairs(dec, pairs)
-            fused, merged = wide_pair(dec, pairs)
-            vs = []
-            for name, m, n, base in (
-                ("original", dec, 0, None),
-                ("lp_unmerged", lp, k, "original"),
-                ("original_fused", fused, 0, None),
-                ("lp_merged", merged, k, "original_fused"),
-            ):
-                step, empty = _torch_step(m)
-                run = (
-                    decode_fn(step, empty, m.io, s, s.size_steps, True)
-                    if phase == "decode"
-                    else prefill_fn(step, empty, m.io, s.batch, s.size_prefill_seq, True)
-                )
-                vs.append(Variant(name, run, n, base))
+            forms = _four_models(random_decoder(arch), pairs)
+            vs = _torch_variants(forms, phase, s, s.size_steps, s.size_prefill_seq)
             c.say(f"torch eager {phase}, scaling with size: {model} ({arch.num_parameters() / 1e6:.0f} M params)")
             samples = interleaved(vs, s.repeats, s.warmup)
             c.rows += rows_from(vs, samples, arch.num_layers, common)
-            del dec, lp, fused, merged, vs
+            del forms, vs
             gc.collect()
 
 

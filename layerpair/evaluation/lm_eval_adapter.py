@@ -73,15 +73,6 @@ class LayerpairLM(TemplateLM):  # type: ignore[misc]
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
 
-    @classmethod
-    def from_backend(cls, backend: LogitsBackend, tokenizer: Any, max_length: int = 2048) -> LayerpairLM:
-        """An adapter over an already loaded backend (tests, notebooks) — no checkpoint loading."""
-        self = cls.__new__(cls)
-        TemplateLM.__init__(self)
-        self.tokenizer, self.backend, self.pairs = tokenizer, backend, ()
-        self.batch_size, self.max_length, self.max_gen_toks = 8, max_length, 256
-        return self
-
     # ---- TemplateLM ------------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:

@@ -174,28 +174,34 @@ def gguf_cache_dir(src: Source) -> Path | None:
 _CACHE_DONE = "layerpair-cache-complete"
 
 
-def _write_gguf_cache(model: Any, tokenizer: Any, src: Source, cache: Path, say: Any) -> None:
-    """Save the fp32 copy atomically (temporary sibling, then rename); any failure only costs the speed-up."""
+def save_fp32_copy(model: Any, tokenizer: Any, dest: Path) -> None:
+    """Save a loaded checkpoint as a plain Hugging Face directory (config, safetensors, tokenizer).
+
+    A GGUF-loaded model refuses ``save_pretrained`` ("quantized with gguf") although its weights are plain fp32
+    after dequantisation: they are copied into a model built from the config without the GGUF marker.
+    """
     import copy
 
     import transformers
 
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied head may be absent
+        raise ValueError(f"state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    plain.save_pretrained(dest)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
+
+
+def _write_gguf_cache(model: Any, tokenizer: Any, src: Source, cache: Path, say: Any) -> None:
+    """Save the fp32 copy atomically (temporary sibling, then rename); any failure only costs the speed-up."""
     tmp = cache.parent / f".{cache.name}.{os.getpid()}.partial"
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf") although its weights are plain fp32
-        # after dequantisation: copy them into a model built from the config without the GGUF marker.
-        cfg = copy.deepcopy(model.config)
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
-        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied head may be absent
-            raise ValueError(f"state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        plain.save_pretrained(tmp)
-        del plain
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_fp32_copy(model, tokenizer, tmp)
         (tmp / "layerpair-source.json").write_text(json.dumps({"gguf": str(Path(src.location) / str(src.gguf_file))}))
         (tmp / _CACHE_DONE).write_text("")
         if not cache.exists():  # another process may have written it meanwhile: keep theirs
@@ -214,18 +220,18 @@ def load_checkpoint(name: str, progress: Any = None) -> Checkpoint:
     src = resolve_source(name)
     t0 = time.perf_counter()
     cache = gguf_cache_dir(src)
+    loaded: tuple[Any, Any, ArchSpec] | None = None
     if cache is not None and (cache / _CACHE_DONE).is_file():
         try:
-            model, tokenizer, arch = _load(Source(src.name, "directory", str(cache)), say, cached_from=src.gguf_file)
+            loaded = _load(Source(src.name, "directory", str(cache)), say, cached_from=src.gguf_file)
         except ModelLoadError as e:  # a damaged copy: say so, drop it, and fall back to the GGUF itself
             say(f"the cached fp32 copy in {cache} is unreadable ({e.problem}); re-reading the GGUF")
             shutil.rmtree(cache, ignore_errors=True)
-        else:
-            say(f"loaded in {time.perf_counter() - t0:.1f} s")
-            return Checkpoint(name, src.kind, src.location, model.eval(), tokenizer, arch)
-    model, tokenizer, arch = _load(src, say)
-    if cache is not None:
-        _write_gguf_cache(model, tokenizer, src, cache, say)
+    if loaded is None:
+        loaded = _load(src, say)
+        if cache is not None:
+            _write_gguf_cache(*loaded[:2], src, cache, say)
+    model, tokenizer, arch = loaded
     say(f"loaded in {time.perf_counter() - t0:.1f} s")
     return Checkpoint(name, src.kind, src.location, model.eval(), tokenizer, arch)
 

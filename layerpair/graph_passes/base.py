@@ -169,6 +169,17 @@ def float_param_count(graph: ir.Graph) -> int:
     return total
 
 
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every use of ``old`` at ``new``; a graph output keeps its name, type and shape (moved to ``new``)."""
+    if old.is_graph_output():
+        idx = list(graph.outputs).index(old)
+        name = old.name
+        old.name = None
+        new.name, new.type, new.shape = name, old.type, old.shape
+        graph.outputs[idx] = new
+    old.replace_all_uses_with(new)
+
+
 def remove_if_dead(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
     """Remove those of ``nodes`` whose outputs are unused (repeating until none is left), then the
     initializers they alone read."""

@@ -16,6 +16,7 @@ from layerpair.graph_passes.base import (
     node,
     producer,
     remove_if_dead,
+    replace_value,
     small_initializer,
     tshape,
 )
@@ -114,14 +115,7 @@ class MergeReducingMatMulsPass(CountingPass):
             new_nodes.append(node("Add", [residual, y], f"{tag}/residual"))
             y = new_nodes[-1].outputs[0]
         graph.extend(new_nodes)
-        out = outer.outputs[0]
-        if out.is_graph_output():
-            idx = list(graph.outputs).index(out)
-            name = out.name
-            out.name = None
-            y.name, y.type, y.shape = name, out.type, out.shape
-            graph.outputs[idx] = y
-        out.replace_all_uses_with(y)
+        replace_value(graph, outer.outputs[0], y)
         split = producer(a, "Split")  # dead when the MatMul now reads the tensor it split
         remove_if_dead(
             graph, [outer] + ([inner] if inner is not None else []) + [mm_a, mm_b] + ([split] if split else [])

@@ -17,6 +17,7 @@ from layerpair.graph_passes.base import (
     lazy_initializer,
     node,
     remove_if_dead,
+    replace_value,
     small_initializer,
     tshape,
 )
@@ -160,15 +161,7 @@ class MergeSiblingMatMulsPass(CountingPass):
         graph.extend(new_nodes)
         old: list[ir.Node] = []
         for (run, cat_out), piece in zip(segments, pieces, strict=True):
-            target = cat_out if cat_out is not None else run[0].out
-            if target.is_graph_output():
-                # keep the output's name: move it to the new value
-                idx = list(graph.outputs).index(target)
-                name = target.name
-                target.name = None
-                piece.name, piece.type, piece.shape = name, target.type, target.shape
-                graph.outputs[idx] = piece
-            target.replace_all_uses_with(piece)
+            replace_value(graph, cat_out if cat_out is not None else run[0].out, piece)
             if cat_out is not None:
                 producer_node = cat_out.producer()
                 assert producer_node is not None

@@ -109,19 +109,22 @@ def test_block_runner_equals_decoder(tiny_llama: Decoder) -> None:
         torch.testing.assert_close(logits_from_ids(tiny_llama, ids, pairs), want, rtol=0, atol=1e-5)
 
 
+class Opaque:
+    """The same model, but its Decoder hidden: no prefix can be shared, each backend runs every layer itself."""
+
+    name = "opaque"
+
+    def __init__(self, b: TorchBackend) -> None:
+        self.b = b
+
+    def logits(self, ids: Tensor) -> Tensor:
+        return self.b.logits(ids)
+
+
 def test_shared_prefix_shortcut_is_exact(tiny_llama: Decoder) -> None:
     w = torch.randint(0, tiny_llama.arch.vocab_size, (3, 16), generator=torch.Generator().manual_seed(4))
     lp, ref = TorchBackend(tiny_llama, ((3, 4),)), TorchBackend(tiny_llama, ())
     fast = text_metrics(lp, w, ref=ref, batch=2)
-
-    class Opaque:  # same model, but hides the Decoder so no prefix can be shared
-        name = "opaque"
-
-        def __init__(self, b: TorchBackend) -> None:
-            self.b = b
-
-        def logits(self, ids: Tensor) -> Tensor:
-            return self.b.logits(ids)
 
     slow = text_metrics(Opaque(lp), w, ref=Opaque(ref), batch=2)
     assert fast.ppl == pytest.approx(slow.ppl, rel=1e-6) and fast.kl == pytest.approx(slow.kl, rel=1e-5, abs=1e-9)
@@ -140,15 +143,6 @@ def test_shared_prefix_across_decoders_only_when_prefix_weights_are_equal(tiny_l
     lp, ref = TorchBackend(other), TorchBackend(tiny_llama, ())
     got = text_metrics(lp, w, ref=ref, batch=2)
     assert next(iter(lp.prefix_cache.values()))[1] == (3 if change == "pair_weights" else 0)
-
-    class Opaque:  # the plain path: each backend runs every layer itself
-        name = "opaque"
-
-        def __init__(self, b: TorchBackend) -> None:
-            self.b = b
-
-        def logits(self, ids: Tensor) -> Tensor:
-            return self.b.logits(ids)
 
     want = text_metrics(Opaque(lp), w, ref=Opaque(ref), batch=2)
     assert got.ppl == pytest.approx(want.ppl, rel=1e-6) and got.kl == pytest.approx(want.kl, rel=1e-5, abs=1e-9)
