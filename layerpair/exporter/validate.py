@@ -1,22 +1,27 @@
 """``AgreementFromOnnx``: run ONNX Runtime and the PyTorch reference on the same inputs and measure how far
 apart they are. Runs on every export; the caller fails hard above tolerance.
 
-Three cases, each through the *returned* cache of its own runtime (ONNX Runtime's presents are fed back into
+Four cases, each through the *returned* cache of its own runtime (ONNX Runtime's presents are fed back into
 ONNX Runtime, PyTorch's into PyTorch), so a cache bug accumulates instead of hiding:
 
 * ``prefill`` — one prompt of >= 16 tokens, empty cache.
 * ``decode``  — 4 greedy steps after that prefill (both runtimes are fed PyTorch's argmax token, so they stay
   on the same path even if a near-tie flips).
+* ``chunked`` — a prompt chunk of 5 tokens fed on top of that cache (a multi-token step with a non-empty
+  past), and the same chunk after one masked zero cache position (the first request of a Triton sequence).
 * ``padded``  — a batch of 2 prompts of different lengths, left-padded, then 2 decode steps.
 
 Metrics on logits: ``max_abs``; ``max_rel`` = max_abs / max|reference| (normwise — elementwise relative error
 is meaningless for logits near zero); ``top1`` = fraction of positions whose argmax agrees. Logits at pad
 positions are excluded (they are well-defined but meaningless). ``present_max_abs`` covers every present
-tensor at every position.
+tensor at every position. A NaN or inf in either runtime's logits or caches is an error of NaN or inf, which
+fails any tolerance; ``max_abs_at`` / ``present_max_abs_at`` name the output, step and position of the worst
+error.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,30 +40,78 @@ VALIDATION_TEXT = (
 SHORT_TEXT = "Rain is expected across the coast tomorrow afternoon."
 
 
+def _worse(new: float, old: float) -> bool:
+    """``new`` is a worse error than ``old``: NaN is the worst, then the larger value (inf included)."""
+    if math.isnan(old):
+        return False
+    return math.isnan(new) or new > old
+
+
+def _value(x: float) -> str:
+    return f"{x:.6g}"
+
+
 @dataclass
 class Agreement:
+    """Worst-case agreement over the steps of one case. A non-finite value in either runtime's logits or
+    caches makes the error non-finite (NaN or inf, never dropped), so ``within_tolerance`` fails; ``*_at``
+    name the output, step and position of the worst error (the first non-finite one, if any)."""
+
     max_abs: float = 0.0
     max_rel: float = 0.0
     top1: float = 1.0
     present_max_abs: float = 0.0
     positions: int = 0
+    max_abs_at: str = ""
+    present_max_abs_at: str = ""
     _agree: int = field(default=0, repr=False)
 
-    def update(self, ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> None:
-        """ours/ref: logits [B,S,V]; valid: bool [B,S]."""
+    def update(
+        self, ours: np.ndarray, ref: np.ndarray, valid: np.ndarray, where: str = "", pos: np.ndarray | None = None
+    ) -> None:
+        """ours/ref: logits [B,S,V]; valid: bool [B,S]; pos: position ids [B,S] (for the message)."""
         o, r = ours[valid], ref[valid]
-        err = float(np.abs(o - r).max()) if o.size else 0.0
-        self.max_abs = max(self.max_abs, err)
-        self.max_rel = max(self.max_rel, err / max(float(np.abs(r).max()), 1e-30))
-        self._agree += int((o.argmax(-1) == r.argmax(-1)).sum())
         self.positions += int(valid.sum())
+        if o.size:
+            diff = np.abs(o.astype(np.float64) - r.astype(np.float64))
+            idx = int(np.argmax(diff))  # the first NaN if there is one, else the largest error
+            err = float(diff.flat[idx])
+            ref_max = float(np.max(np.abs(r)))  # NaN-propagating, unlike Python's max()
+            rel = err / max(ref_max, 1e-30) if math.isfinite(ref_max) else math.nan  # then err is too
+            if _worse(err, self.max_abs):
+                self.max_abs = err
+                row, col = divmod(idx, o.shape[-1])
+                b, s = (int(i) for i in np.argwhere(valid)[row])
+                p = int(pos[b, s]) if pos is not None else s
+                self.max_abs_at = (
+                    f"logits, {where}, batch {b} position {p} vocab {col} "
+                    f"(ours {_value(float(o[row, col]))}, reference {_value(float(r[row, col]))})"
+                )
+            if _worse(rel, self.max_rel):
+                self.max_rel = rel
+            self._agree += int((o.argmax(-1) == r.argmax(-1)).sum())
         self.top1 = self._agree / max(self.positions, 1)
 
-    def update_present(self, ours: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> None:
-        for o, r in zip(ours, ref, strict=True):
-            self.present_max_abs = max(self.present_max_abs, float(np.abs(o - r).max()) if o.size else 0.0)
+    def update_present(
+        self, ours: Sequence[np.ndarray], ref: Sequence[np.ndarray], where: str = "", names: Sequence[str] = ()
+    ) -> None:
+        """Per-layer K/V [B,KVH,T,D] in ``per_layer`` order (names default to ``layer i key|value``)."""
+        for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
+            if not o.size:
+                continue
+            diff = np.abs(o.astype(np.float64) - r.astype(np.float64))
+            idx = int(np.argmax(diff))
+            err = float(diff.flat[idx])
+            if _worse(err, self.present_max_abs):
+                self.present_max_abs = err
+                b, h, t, _ = np.unravel_index(idx, diff.shape)
+                name = names[i] if names else f"KV cache of layer {i // 2} ({('key', 'value')[i % 2]})"
+                self.present_max_abs_at = (
+                    f"{name}, {where}, batch {b} head {h} position {t} "
+                    f"(ours {_value(float(o.flat[idx]))}, reference {_value(float(r.flat[idx]))})"
+                )
 
-    def to_json(self) -> dict[str, float | int]:
+    def to_json(self) -> dict[str, float | int | str]:
         d = asdict(self)
         d.pop("_agree")
         return d
@@ -124,34 +177,69 @@ def _tokens(tokenizer: Any, text: str, n_min: int, vocab: int, seed: int) -> lis
     return rng.integers(0, vocab, size=max(n_min, 16)).tolist()
 
 
+class _Pair:
+    """``ours`` and ``ref`` stepped side by side, each through its own returned cache, into one Agreement."""
+
+    def __init__(self, ours: Runner, ours_spec: IOSpec, ref: Runner, ref_spec: IOSpec) -> None:
+        self.ours, self.ours_spec, self.ref, self.ref_spec = ours, ours_spec, ref, ref_spec
+        self.po: list[np.ndarray] = []
+        self.pr: list[np.ndarray] = []
+        self.lr = np.zeros((0, 0, 0), np.float32)  # the reference's last logits (it picks the next token)
+
+    def reset(self, batch: int, past_len: int = 0) -> None:
+        """Caches of ``past_len`` zero positions (0: empty) for both runtimes."""
+        self.po, self.pr = (
+            [np.repeat(t, past_len, axis=2) if past_len else t[:, :, :0] for t in _zero_slot(spec, batch)]
+            for spec in (self.ours_spec, self.ref_spec)
+        )
+
+    def step(self, agr: Agreement, where: str, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> None:
+        lo, self.po = self.ours.step(ids, mask, pos, self.po)
+        self.lr, self.pr = self.ref.step(ids, mask, pos, self.pr)
+        valid = mask[:, -ids.shape[1] :].astype(bool)
+        agr.update(lo, self.lr, valid, where, pos)
+        agr.update_present(per_layer(self.po, self.ours_spec), per_layer(self.pr, self.ref_spec), where)
+
+    def greedy(self) -> np.ndarray:
+        return self.lr[:, -1:].argmax(-1).astype(np.int64)
+
+
+def _zero_slot(spec: IOSpec, batch: int) -> list[np.ndarray]:
+    """One zero cache position per slot (``reset`` repeats or drops it), in the spec's cache dtype."""
+    return [np.zeros((*t.shape[:2], 1, t.shape[3]), t.dtype) for t in empty_past(spec, batch)]
+
+
+CHUNK = 5  # tokens of the "chunked" case
+
+
 def compare_runners(
     ours: Runner, ours_spec: IOSpec, ref: Runner, ref_spec: IOSpec, tokenizer: Any = None, decode_steps: int = 4
 ) -> dict[str, Agreement]:
-    """Agreement of ``ours`` against ``ref`` on prefill, decode and padded batch.
+    """Agreement of ``ours`` against ``ref`` on prefill, decode, a chunk after a cache, and a padded batch.
 
     The two may have different cache layouts (unmerged vs merged pairs): caches are never exchanged, and
     presents are compared after mapping both to per-layer slices (see ``per_layer``).
     """
     vocab = ours_spec.arch.vocab_size
-    res = {k: Agreement() for k in ("prefill", "decode", "padded")}
+    res = {k: Agreement() for k in ("prefill", "decode", "chunked", "padded")}
+    run = _Pair(ours, ours_spec, ref, ref_spec)
 
-    # prefill + decode, batch 1
+    # prefill + decode, batch 1, then a prompt chunk on top of that cache
     ids = np.array([_tokens(tokenizer, VALIDATION_TEXT, 16, vocab, 0)], dtype=np.int64)
     S = ids.shape[1]
-    mask = np.ones_like(ids)
-    pos = np.arange(S, dtype=np.int64)[None]
-    lo, po = ours.step(ids, mask, pos, empty_past(ours_spec, 1))
-    lr, pr = ref.step(ids, mask, pos, empty_past(ref_spec, 1))
-    res["prefill"].update(lo, lr, np.ones(ids.shape, bool))
-    res["prefill"].update_present(per_layer(po, ours_spec), per_layer(pr, ref_spec))
+    run.reset(1)
+    run.step(res["prefill"], "prefill", ids, np.ones_like(ids), np.arange(S, dtype=np.int64)[None])
     for step in range(decode_steps):
-        nxt = lr[:, -1:].argmax(-1).astype(np.int64)
-        mask = np.ones((1, S + step + 1), np.int64)
         p = np.array([[S + step]], np.int64)
-        lo, po = ours.step(nxt, mask, p, po)
-        lr, pr = ref.step(nxt, mask, p, pr)
-        res["decode"].update(lo, lr, np.ones(nxt.shape, bool))
-        res["decode"].update_present(per_layer(po, ours_spec), per_layer(pr, ref_spec))
+        run.step(res["decode"], f"decode step {step + 1}", run.greedy(), np.ones((1, S + step + 1), np.int64), p)
+    chunk = np.array([_tokens(tokenizer, SHORT_TEXT, CHUNK, vocab, 3)[:CHUNK]], np.int64)
+    T = S + decode_steps
+    pos = np.arange(T, T + CHUNK, dtype=np.int64)[None]
+    run.step(res["chunked"], f"chunk of {CHUNK} after {T} cached", chunk, np.ones((1, T + CHUNK), np.int64), pos)
+    # the first request of a Triton sequence: one masked (zero) cache position, then the prompt
+    run.reset(1, 1)
+    mask = np.concatenate([np.zeros((1, 1), np.int64), np.ones((1, CHUNK), np.int64)], axis=1)
+    run.step(res["chunked"], "chunk after 1 masked cache slot", chunk, mask, np.arange(CHUNK, dtype=np.int64)[None])
 
     # padded batch of 2, left padding, then 2 decode steps
     a = _tokens(tokenizer, VALIDATION_TEXT, 16, vocab, 1)
@@ -163,19 +251,13 @@ def compare_runners(
     ids[0], mask[0] = a, 1
     ids[1, S - len(b) :], mask[1, S - len(b) :] = b, 1
     pos = np.clip(mask.cumsum(-1) - 1, 0, None).astype(np.int64)
-    lo, po = ours.step(ids, mask, pos, empty_past(ours_spec, 2))
-    lr, pr = ref.step(ids, mask, pos, empty_past(ref_spec, 2))
-    res["padded"].update(lo, lr, mask.astype(bool))
-    res["padded"].update_present(per_layer(po, ours_spec), per_layer(pr, ref_spec))
-    for _ in range(2):
-        nxt = lr[:, -1:].argmax(-1).astype(np.int64)
+    run.reset(2)
+    run.step(res["padded"], "padded prefill", ids, mask, pos)
+    for step in range(2):
         p = pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
         pos = np.concatenate([pos, p], axis=1)
-        lo, po = ours.step(nxt, mask, p, po)
-        lr, pr = ref.step(nxt, mask, p, pr)
-        res["padded"].update(lo, lr, np.ones(nxt.shape, bool))
-        res["padded"].update_present(per_layer(po, ours_spec), per_layer(pr, ref_spec))
+        run.step(res["padded"], f"padded decode step {step + 1}", run.greedy(), mask, p)
     return res
 
 
@@ -200,8 +282,11 @@ def within_tolerance(res: dict[str, Agreement], atol: float) -> list[str]:
     """
     bad = []
     for name, a in res.items():
-        if not a.max_abs <= atol:  # NaN fails too
-            bad.append(f"{name}: logits max_abs {a.max_abs:.3g} > {atol:g}")
-        if not a.present_max_abs <= atol:
-            bad.append(f"{name}: KV cache max_abs {a.present_max_abs:.3g} > {atol:g}")
+        for what, err, at in (
+            ("logits", a.max_abs, a.max_abs_at),
+            ("KV cache", a.present_max_abs, a.present_max_abs_at),
+        ):
+            if not err <= atol:  # NaN fails too (the Agreement never drops one)
+                problem = f"non-finite ({err})" if not math.isfinite(err) else f"max_abs {err:.3g} > {atol:g}"
+                bad.append(f"{name}: {what} {problem} at {at or 'an unknown position'}")
     return bad
