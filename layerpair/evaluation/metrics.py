@@ -201,6 +201,28 @@ def text_metrics_many(
     return out
 
 
+def onnx_disagreement(onnx: TextMetrics, pytorch: TextMetrics, rel_tol: float) -> str | None:
+    """Why ONNX Runtime's figures do not match PyTorch's on the same windows (None when they do).
+
+    A non-finite figure on either side (a NaN or inf logit makes its window's perplexity and KL NaN) is a
+    disagreement, never a pass: the relative perplexity difference is compared with ``not <=``, so NaN fails.
+    """
+    for name, m in (("ONNX Runtime", onnx), ("PyTorch", pytorch)):
+        for key in ("ppl", "nll", "kl", "top1"):
+            v = getattr(m, key)
+            if v is not None and not math.isfinite(v):
+                return f"{name} {key} is {v} (a NaN or inf in its logits)"
+    rel = ppl_rel_diff(onnx, pytorch)
+    if not rel <= rel_tol:
+        return f"ONNX perplexity differs from PyTorch by {rel:.2e} (relative, tolerance {rel_tol:g})"
+    return None
+
+
+def ppl_rel_diff(onnx: TextMetrics, pytorch: TextMetrics) -> float:
+    """|ppl_onnx - ppl_pytorch| / ppl_pytorch, NaN if either is NaN (numpy's maximum propagates it)."""
+    return abs(onnx.ppl - pytorch.ppl) / float(np.maximum(abs(pytorch.ppl), 1e-30))
+
+
 def nll_of_logits(logits: Tensor, ids: Tensor) -> float:
     """Mean NLL (nats) of ``ids[:,1:]`` under ``logits[:, :-1]`` — the perplexity rule, for the search."""
     lp = torch.log_softmax(logits[:, :-1], dim=-1)

@@ -19,6 +19,7 @@ from layerpair.evaluation.metrics import (
     TorchBackend,
     encode_pair,
     mc_metrics,
+    onnx_disagreement,
     read_mc,
     text_metrics,
     text_metrics_many,
@@ -97,6 +98,40 @@ def test_many_backends_in_one_pass_equal_one_at_a_time() -> None:
         for f in ("ppl", "ref_ppl", "ppl_ratio", "top1", "kl"):
             assert getattr(got, f) == pytest.approx(getattr(alone, f), rel=1e-9), f
     assert many[0].kl != pytest.approx(many[1].kl)  # different models: the pairing of results is checked
+
+
+class Poisoned(Bigram):
+    """The bigram model with one logit of one window overwritten (a NaN/inf from a broken runtime)."""
+
+    def __init__(self, seed: int, value: float) -> None:
+        super().__init__(seed)
+        self.value = value
+
+    def logits(self, ids_BW: Tensor) -> Tensor:
+        out = super().logits(ids_BW).clone()
+        out[0, 2, 3] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_onnx_vs_pytorch_non_finite_fails(value: float) -> None:
+    """``eval --onnx``: a non-finite ONNX logit cannot pass as "perplexity within tolerance"."""
+    ref = Bigram(1)
+    w = torch.randint(0, V, (4, 7), generator=torch.Generator().manual_seed(5))
+    pytorch, onnx, bad = text_metrics_many([Bigram(2), Bigram(2), Poisoned(2, value)], w, ref=ref, batch=2)
+    assert onnx_disagreement(onnx, pytorch, 1e-3) is None  # the same model on both sides passes
+    why = onnx_disagreement(bad, pytorch, 1e-3)
+    assert why is not None and why.startswith("ONNX Runtime ppl is nan"), why
+    why = onnx_disagreement(pytorch, bad, 1e-3)  # a broken reference side fails too
+    assert why is not None and why.startswith("PyTorch ppl is nan"), why
+
+
+def test_onnx_vs_pytorch_wrong_finite_fails() -> None:
+    ref = Bigram(1)
+    w = torch.randint(0, V, (4, 7), generator=torch.Generator().manual_seed(5))
+    pytorch, other = text_metrics_many([Bigram(2), Bigram(3)], w, ref=ref, batch=2)
+    why = onnx_disagreement(other, pytorch, 1e-3)
+    assert why is not None and why.startswith("ONNX perplexity differs from PyTorch by"), why
 
 
 def test_block_runner_equals_decoder(tiny_llama: Decoder) -> None:
