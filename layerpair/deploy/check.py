@@ -30,7 +30,8 @@ Checks (thresholds come from flags; defaults in ``DEFAULTS``):
 
 A metric missing from either file is "not measured". If its threshold flag was given explicitly, that is a
 failure (the gate was asked to guard something nobody measured); otherwise it is reported as skipped, never as
-a silent pass. Exit status: 0 all checks pass, 1 a regression (or a requested metric is missing), 2 bad input.
+a silent pass. Exit status: 0 all checks pass (at least one ran), 1 a regression, a requested metric missing, or
+no check ran at all (nothing measured in both files), 2 bad input.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ DEFAULTS = {"max_ppl_ratio_increase": 0.02, "min_top1": 0.90, "max_latency_ratio
 SAME_RUN_KEY = "same_run_baseline"
 PASS, FAIL, SKIP = "PASS", "FAIL", "NOT MEASURED"
 EXIT_REGRESSION = 1
+EXIT_NOTHING_CHECKED = 1  # a gate that checked nothing must not pass CI
 
 
 @dataclass
@@ -214,7 +216,7 @@ def table_from_checks(results: Sequence[CheckResult]) -> str:
 
 def json_from_checks(results: Sequence[CheckResult], report: Path, baseline: Path) -> dict[str, Any]:
     return {
-        "passed": not any(r.failed for r in results),
+        "passed": not any(r.failed for r in results) and any(r.status == PASS for r in results),
         "report": str(report),
         "baseline": str(baseline),
         "checks": [asdict(r) for r in results],
@@ -318,5 +320,12 @@ def check_cli(argv: Sequence[str]) -> int:
     if failed:
         print(f"REGRESSION: {len(failed)} check(s) failed: {', '.join(failed)}")
         return EXIT_REGRESSION
-    print(f"OK: {sum(r.status == PASS for r in results)} passed, {sum(r.status == SKIP for r in results)} not measured")
+    passed = sum(r.status == PASS for r in results)
+    if passed == 0:
+        print(
+            "NOTHING CHECKED: no metric is measured in both REPORT and BASELINE (accuracy.ppl_ratio, "
+            "accuracy.top1_agreement, latency.*); add the eval/benchmark results to the reports"
+        )
+        return EXIT_NOTHING_CHECKED
+    print(f"OK: {passed} passed, {sum(r.status == SKIP for r in results)} not measured")
     return 0

@@ -67,14 +67,28 @@ def test_top1_floor() -> None:
 
 
 def test_missing_accuracy_not_measured_unless_requested(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rep = _write(tmp_path, "a.json", _report(ppl=None, top1=None))
-    base = _write(tmp_path, "b.json", _report())
+    latency = {"decode_ms_per_token": 3.0}  # one check that runs, so the gate as a whole can pass
+    rep = _write(tmp_path, "a.json", _report(ppl=None, top1=None, latency=latency))
+    base = _write(tmp_path, "b.json", _report(latency=latency))
     rc, out, _ = _run(capsys, rep, "--baseline", base)
     assert rc == 0 and SKIP in out  # shown as not measured, never as a pass
     assert not any(ln.startswith("ppl_ratio") and PASS in ln for ln in out.splitlines())
     rc, out, _ = _run(capsys, rep, "--baseline", base, "--max-ppl-ratio-increase", "0.01")
     assert rc == 1
     assert "not measured, but this threshold was requested" in out
+
+
+@pytest.mark.parametrize("baseline", [_report(), _report(ppl=None, top1=None)])
+def test_no_check_ran_is_not_a_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str], baseline: dict) -> None:
+    """A report without metrics and no threshold flags: every check is "not measured", so the gate fails."""
+    rep = _write(tmp_path, "a.json", _report(ppl=None, top1=None))
+    js = tmp_path / "out.json"
+    rc, out, _ = _run(capsys, rep, "--baseline", _write(tmp_path, "b.json", baseline), "--json", js)
+    assert rc == 1, out
+    assert json.loads(js.read_text())["passed"] is False
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("NOTHING CHECKED: no metric is measured in both REPORT and BASELINE"), out
+    assert "OK:" not in out and "passed" not in out
 
 
 def test_latency_uses_same_run_baseline_first() -> None:
