@@ -2,7 +2,8 @@
 
     REPO/
       <name>_onnx/config.pbtxt, 1/model.onnx      onnxruntime_onnx; KV cache as implicit state (+ START/READY)
-      <name>_trt/config.pbtxt, 1/model.plan       tensorrt_plan, only when OUT/model.plan exists
+      <name>_trt/config.pbtxt, 1/model.plan       tensorrt_plan, only when OUT/model.plan exists; every instance
+                                                 gets all the engine's optimization profiles (decode, prefill)
       <name>_generate/config.pbtxt, 1/model.py    python backend: text in -> tokenize -> ORT loop -> text out
                      1/lp_runtime.py, 1/decoder.onnx, 1/io.json, 1/tokenizer/
       client.py                                    tritonclient: greedy generation against either model
@@ -91,15 +92,37 @@ def _tensor(name: str, dtype: str, dims: Sequence[int]) -> str:
     return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims_str(dims)}\n  }}'
 
 
-def _instance_group(o: TritonOptions) -> str:
+def _instance_group(o: TritonOptions, profiles: Sequence[str] = ()) -> str:
+    """``profiles``: the TensorRT optimization profiles every instance may use (Triton picks one per request
+    from the input shapes); empty for other platforms."""
     gpus = f"\n    gpus: {_dims_str(o.gpus)}" if o.gpus and o.kind == "KIND_GPU" else ""
-    return f"instance_group [\n  {{\n    count: {o.instances}\n    kind: {o.kind}{gpus}\n  }}\n]\n"
+    prof = f"\n    profile: [ {', '.join(json.dumps(p) for p in profiles)} ]" if profiles else ""
+    return f"instance_group [\n  {{\n    count: {o.instances}\n    kind: {o.kind}{gpus}{prof}\n  }}\n]\n"
+
+
+def engine_profiles(report: dict[str, Any]) -> list[str]:
+    """Indices (as Triton wants them: strings) of the engine's optimization profiles, from ``report.json``'s
+    ``engine.profiles``; both of ``PROFILE_NAMES`` (decode, prefill) when the report does not list them."""
+    from layerpair.engine.profile import PROFILE_NAMES
+
+    listed = report.get("engine", {}).get("profiles") if isinstance(report.get("engine"), dict) else None
+    n = len(listed) if isinstance(listed, list) and listed else len(PROFILE_NAMES)
+    return [str(i) for i in range(n)]
 
 
 def stateful_config(
-    io_json: dict[str, Any], dio: DecoderIO, platform: str, o: TritonOptions, name: str, controls: bool
+    io_json: dict[str, Any],
+    dio: DecoderIO,
+    platform: str,
+    o: TritonOptions,
+    name: str,
+    controls: bool,
+    profiles: Sequence[str] = (),
 ) -> str:
-    """config.pbtxt of the decoder with its KV cache as implicit state (onnxruntime_onnx or tensorrt_plan)."""
+    """config.pbtxt of the decoder with its KV cache as implicit state (onnxruntime_onnx or tensorrt_plan).
+
+    ``profiles`` (tensorrt_plan): the engine's optimization profiles, all given to every instance — without
+    them Triton uses profile 0 (``decode``, one token) only, and a prompt request falls outside it."""
     batched = o.max_batch_size > 0
     specs_in = {t["name"]: t for t in io_json["inputs"]}
     specs_out = {t["name"]: t for t in io_json["outputs"]}
@@ -158,7 +181,7 @@ def stateful_config(
         "  direct { }\n"
         f"{control}"
         "  state [\n" + ",\n".join(states) + "\n  ]\n"
-        "}\n" + _instance_group(o) + accel
+        "}\n" + _instance_group(o, profiles) + accel
     )
 
 
@@ -246,7 +269,15 @@ def triton_repo_from_export(
             link_or_copy(plan, tmp / trt_name / "1" / "model.plan")
             trt = replace(o, kind="KIND_GPU" if o.kind == "KIND_AUTO" else o.kind)
             (tmp / trt_name / "config.pbtxt").write_text(
-                stateful_config(io_json, dio, "tensorrt_plan", trt, trt_name, controls=False)
+                stateful_config(
+                    io_json,
+                    dio,
+                    "tensorrt_plan",
+                    trt,
+                    trt_name,
+                    controls=False,
+                    profiles=engine_profiles(export.report),
+                )
             )
             models[trt_name] = "tensorrt_plan"
 

@@ -143,6 +143,9 @@ def test_tensorrt_plan_and_accelerator(tiny_export: Path, tmp_path: Path) -> Non
         parse_config(repo / "layerpair_onnx" / "config.pbtxt").sequence_batching.state
     )
     assert list(trt.instance_group[0].gpus) == [0, 1]
+    # both engine profiles (decode, prefill) on every instance: else Triton runs everything under profile 0
+    assert list(trt.instance_group[0].profile) == ["0", "1"]
+    assert not parse_config(repo / "layerpair_onnx" / "config.pbtxt").instance_group[0].profile
     ort_cfg = parse_config(repo / "layerpair_onnx" / "config.pbtxt")
     accel = ort_cfg.optimization.execution_accelerators.gpu_execution_accelerator
     assert [a.name for a in accel] == ["tensorrt"]
@@ -242,3 +245,17 @@ def test_smollm2_repo_configs_and_state_pairs(smollm2_lp_export: Path, tmp_path:
     pairs = {tuple(p) for p in report["pairs"]}
     assert pairs == {(20, 21), (22, 23)}
     assert list(configs["layerpair_onnx"].output[0].dims) == [-1, 49152]
+
+
+def test_tensorrt_plan_profiles_follow_the_engine_report(tiny_export: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)
+    (out / "model.plan").write_bytes(b"not a real engine")
+    report = json.loads((out / "report.json").read_text())
+    report["engine"] = {"profiles": [{"name": "prefill"}]}  # an engine built with one profile lists only "0"
+    (out / "report.json").write_text(json.dumps(report))
+    triton_repo_from_export(out, tmp_path / "repo", TritonOptions(kind="KIND_GPU", generate_model=False))
+    trt = parse_config(tmp_path / "repo" / "layerpair_trt" / "config.pbtxt")
+    assert list(trt.instance_group[0].profile) == ["0"]
