@@ -1,7 +1,9 @@
 """Atomic output directories: all work goes into a temporary sibling, renamed into place only on success.
 
 A failed or interrupted run leaves the destination exactly as it was (absent, or the old directory when
-``--force`` was given) and removes any parent directories it created.
+``--force`` was given) and removes any parent directories it created. The finished directory has the mode a
+plain ``mkdir`` would give it under the user's umask (not the temporary directory's 0700), so a server
+running as another user can read an export.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def staged_output(dest: Path, force: bool = False) -> Iterator[Path]:
         for d in reversed(created):
             d.mkdir()
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the result gets a plain mkdir's mode
     except OSError as e:
         _cleanup(created)
         raise OutputError(f"cannot create '{dest}' ({e.strerror})", "choose a writable -o location") from None
@@ -67,6 +70,20 @@ def staged_output(dest: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _cleanup(created)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``/proc/self/status``); elsewhere
+    set and restored at once (``os.umask`` is the only portable way to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _cleanup(created: list[Path]) -> None:
