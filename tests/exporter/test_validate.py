@@ -147,3 +147,31 @@ def test_agreement_never_drops_a_nan() -> None:
         f"x: logits non-finite (nan) at {a.max_abs_at}",
         f"x: KV cache non-finite (inf) at {a.present_max_abs_at}",
     ]
+
+
+def test_mistral_longer_than_its_sliding_window(tmp_path: Path) -> None:
+    """Tiny Mistral, window 6: the 16-token prefill, the decode steps and the 5-token chunk after 20 cached
+    tokens all reach past the window. The merged pair's ONNX agrees with PyTorch on all four cases, and the
+    same check fails against a reference without the window (so the window is what is being checked)."""
+    from layerpair.graph_passes import merge_pairs, save_model
+    from layerpair.iospec import IOSpec
+
+    hf = tiny_model("mistral")
+    arch = ArchSpec.from_hf_config(hf.config)
+    assert set(arch.sliding_windows) == {6}
+    dec = Decoder.from_hf(hf, arch, [(1, 2)])
+    export_onnx(dec, tmp_path / "model.onnx")
+    model, _ = merge_pairs(tmp_path / "model.onnx", arch, [(1, 2)])
+    save_model(model, tmp_path / "merged.onnx")
+    spec = IOSpec.for_model(arch, [(1, 2)], merged=True)
+    res = compare_runners(OrtRunner(tmp_path / "merged.onnx", spec, threads=1), spec, TorchRunner(dec), dec.io)
+    assert within_tolerance(res, ATOL) == [], {k: a.to_json() for k, a in res.items()}
+    assert res["prefill"].positions == 16 > 6 and res["chunked"].positions == 10
+
+    hf.config.sliding_window = None
+    full = Decoder.from_hf(hf, ArchSpec.from_hf_config(hf.config), [(1, 2)])
+    assert ArchSpec.from_hf_config(hf.config).sliding_windows == ()
+    bad = within_tolerance(
+        compare_runners(OrtRunner(tmp_path / "merged.onnx", spec, threads=1), spec, TorchRunner(full), full.io), ATOL
+    )
+    assert {b.split(":")[0] for b in bad} >= {"prefill", "decode", "chunked"}, bad
