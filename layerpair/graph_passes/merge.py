@@ -13,10 +13,11 @@ from layerpair.arch import ArchSpec
 from layerpair.graph_passes.base import CountingPass, GraphPassError, float_param_count
 from layerpair.graph_passes.cleanup import CleanupPass
 from layerpair.graph_passes.fold_norm_scales import FoldNormScalesPass
-from layerpair.graph_passes.merge_attention import MergeAttentionPass
+from layerpair.graph_passes.merge_attention import FIRED, MergeAttentionPass
 from layerpair.graph_passes.merge_reducing_matmuls import MergeReducingMatMulsPass
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
 from layerpair.graph_passes.share_norm import ShareRMSNormPass
+from layerpair.graph_passes.verify import wide_pair_problems
 from layerpair.iospec import IOSpec
 
 #: MatMuls one pair loses: 2 x (q, k, v, QK, PV, o, gate, up, down) = 18 become
@@ -49,10 +50,11 @@ def merge_pairs(
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Merge every pair of ``model`` (an ``ir.Model`` — modified in place — or a path, loaded lazily).
 
-    Returns the model and a report: ``passes`` {name: times fired}, node/MatMul counts before and after,
-    ``parameters`` {before, after, folded_norm_scales, equal}, ``seconds`` (load included) and
-    ``pass_seconds`` {name: seconds}. Raises ``GraphPassError`` when the
-    result's inputs/outputs are not ``IOSpec.for_model(arch, pairs, merged=True)`` or a count is off.
+    Returns the model and a report: ``passes`` {name: times fired}, ``pairs`` {"a-b": ``pair_results``},
+    node/MatMul counts, ``parameters`` {before, after, folded_norm_scales, equal}, ``seconds`` (load included),
+    ``pass_seconds``. All or nothing: raises ``GraphPassError`` naming the pair and the reasons when a pair is
+    not fully wide or the MatMul count is not ``matmuls_expected_after``; also when the I/O is not
+    ``IOSpec.for_model(arch, pairs, merged=True)`` or the parameter count changed.
     """
     t0 = time.perf_counter()
     if not isinstance(model, ir.Model):
@@ -76,6 +78,8 @@ def merge_pairs(
         if isinstance(p, FoldNormScalesPass):
             folded = p.folded_parameters
     params_after = float_param_count(g)
+    per_pair = pair_results(g, arch, pairs, passes)
+    _check_pairs(per_pair, matmuls_before - MATMULS_SAVED_PER_PAIR * len(pairs), count_ops(g, "MatMul"))
     spec = IOSpec.for_model(arch, pairs, merged=True)
     _check_io(model, spec)
     report: dict[str, Any] = {
@@ -85,6 +89,7 @@ def merge_pairs(
         "matmuls_before": matmuls_before,
         "matmuls_after": count_ops(g, "MatMul"),
         "matmuls_expected_after": matmuls_before - MATMULS_SAVED_PER_PAIR * len(pairs),
+        "pairs": per_pair,
         "parameters": {
             "before": params_before,
             "after": params_after,
@@ -100,6 +105,33 @@ def merge_pairs(
             "report this model as a bug, or export with --no-merge",
         )
     return model, report
+
+
+def pair_results(
+    graph: ir.Graph, arch: ArchSpec, pairs: Sequence[tuple[int, int]], passes: Sequence[CountingPass]
+) -> dict[str, dict[str, Any]]:
+    """Per pair ("a-b"): ``wide`` (one wide layer), ``merge_attention`` (``fired`` or why not) and
+    ``problems`` (why the pair is not wide: the attention pass's reason, or the structural checks of
+    ``wide_pair_problems``, which name the pass that did not fire)."""
+    attention = next((p for p in passes if isinstance(p, MergeAttentionPass)), None)
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in pairs:
+        fired = attention.results.get((a, b), "not run") if attention is not None else "not run"
+        problems = [f"merge_attention: {fired}"] if fired != FIRED else wide_pair_problems(graph, arch, (a, b))
+        out[f"{a}-{b}"] = {"wide": not problems, "merge_attention": fired, "problems": problems}
+    return out
+
+
+def _check_pairs(per_pair: dict[str, dict[str, Any]], matmuls_expected: int, matmuls_after: int) -> None:
+    """All or nothing: every requested pair fully wide, and the MatMul count what that implies."""
+    bad = {k: r["problems"] for k, r in per_pair.items() if r["problems"]}
+    if not bad and per_pair and matmuls_after != matmuls_expected:
+        bad = {"all": [f"{matmuls_after} MatMuls after merging, expected {matmuls_expected}"]}
+    if bad:
+        raise GraphPassError(
+            "pairs not merged into wide layers: " + "; ".join(f"pair {k}: " + ", ".join(v) for k, v in bad.items()),
+            "export with --no-merge (the pairs still run in parallel, as two branches) and report this model",
+        )
 
 
 def _check_io(model: ir.Model, spec: IOSpec) -> None:

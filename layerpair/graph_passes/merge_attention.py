@@ -26,6 +26,8 @@ from layerpair.graph_passes.base import (
 from layerpair.graph_passes.patterns import UnitRMSNorm, match_rmsnorm, match_rotary
 from layerpair.iospec import IOSpec
 
+FIRED = "fired"
+
 
 @dataclass(frozen=True)
 class _Norm:
@@ -78,7 +80,14 @@ def _heads_from(t: ir.Value | None) -> tuple[ir.Value, _Norm | None] | None:
 
 
 def match_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, present_v: ir.Value) -> _Attention | None:
-    """Match the exporter's decomposed attention of one layer from its cache inputs and outputs.
+    """``check_attention``, None instead of the reason when it does not match."""
+    found = check_attention(past_k, past_v, present_k, present_v)
+    return found if isinstance(found, _Attention) else None
+
+
+def check_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, present_v: ir.Value) -> _Attention | str:
+    """Match the exporter's decomposed attention of one layer from its cache inputs and outputs; the reason
+    (a string) when it does not match.
 
     ``present = Concat(past, new, axis=2)``; scores ``= (Reshape(rot(q)) @ Transpose(Unsqueeze(present_k)))
     * scale``, masked by ``Where(keep, scores, fill)``, ``Softmax``, ``@ Unsqueeze(present_v)``, then
@@ -86,51 +95,43 @@ def match_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, pre
     """
     cat_k, cat_v = producer(present_k, "Concat"), producer(present_v, "Concat")
     if cat_k is None or cat_v is None or attr_int(cat_k, "axis", 0) != 2 or attr_int(cat_v, "axis", 0) != 2:
-        return None
+        return f"present '{present_k.name}' is not Concat(past, new, axis=2)"
     if list(cat_k.inputs)[:1] != [past_k] or list(cat_v.inputs)[:1] != [past_v] or len(cat_k.inputs) != 2:
-        return None
+        return f"present '{present_k.name}' does not extend its own past '{past_k.name}'"
     rot_k = match_rotary(cat_k.inputs[1]) if cat_k.inputs[1] is not None else None
     k_src = _heads_from(rot_k.t) if rot_k else None
     v_src = _heads_from(cat_v.inputs[1])
     if rot_k is None or k_src is None or v_src is None or v_src[1] is not None:
-        return None
-    # present_k -> Unsqueeze(2) -> Transpose(0,1,2,4,3) -> MatMul(q5, kT)
-    scores_mm = None
-    for u in consumers_of(present_k):
-        if u.op_type == "Unsqueeze" and (const(u.inputs[1]) is not None) and const(u.inputs[1]).tolist() == [2]:  # type: ignore[union-attr]
-            for tr in consumers_of(u.outputs[0]):
-                if tr.op_type == "Transpose" and attr_ints(tr, "perm") == (0, 1, 2, 4, 3):
-                    for mm in consumers_of(tr.outputs[0]):
-                        if mm.op_type == "MatMul" and mm.inputs[1] is tr.outputs[0]:
-                            scores_mm = mm
+        return f"new keys/values of '{present_k.name}' are not rotary(heads(k)) / heads(v)"
+    scores_mm = scores_matmul(present_k)
     if scores_mm is None:
-        return None
+        return f"no scores MatMul q @ Transpose(Unsqueeze('{present_k.name}'))"
     chain = _single_chain(
         scores_mm.outputs[0], ["Mul", "Cast?", "Where", "Softmax", "Cast?", "MatMul", "Reshape", "Transpose", "Reshape"]
     )
     if chain is None:
-        return None
+        return "scores are not Mul(scale) -> Where(mask) -> Softmax -> MatMul(V) -> context, single-use"
     mul, cast_in, where, softmax, cast_out, pv_mm, _, tr2, rs2 = chain
     assert mul is not None and where is not None and softmax is not None and pv_mm is not None
     assert tr2 is not None and rs2 is not None
     scale = mul.inputs[1] if mul.inputs[0] is scores_mm.outputs[0] else mul.inputs[0]
     if scalar(scale) is None or where.inputs[1] is not (cast_in or mul).outputs[0]:
-        return None
+        return "the attention scale is not a constant scalar, or the mask does not read the scaled scores"
     if attr_int(softmax, "axis", -1) != -1 or pv_mm.inputs[0] is not (cast_out or softmax).outputs[0]:
-        return None
+        return "softmax is not over the last axis, or its probabilities are not what multiplies V"
     if attr_ints(tr2, "perm") != (0, 2, 1, 3):
-        return None
+        return "the context is not transposed back with perm (0, 2, 1, 3)"
     unsq_v = producer(pv_mm.inputs[1], "Unsqueeze")
     if unsq_v is None or unsq_v.inputs[0] is not present_v or (const(unsq_v.inputs[1]) is None):
-        return None
+        return f"the probabilities do not multiply Unsqueeze('{present_v.name}')"
     q5 = producer(scores_mm.inputs[0], "Reshape")
     rot_q = match_rotary(q5.inputs[0]) if q5 is not None and q5.inputs[0] is not None else None
     q_src = _heads_from(rot_q.t) if rot_q else None
     if rot_q is None or q_src is None or rot_q.cos is not rot_k.cos or rot_q.sin is not rot_k.sin:
-        return None
+        return "queries are not rotary(heads(q)) with the keys' cos/sin"
     keep, fill = where.inputs[0], where.inputs[2]
     if keep is None or fill is None or scale is None or scalar(fill) is None:
-        return None
+        return "the mask fill value is not a constant scalar"
     return _Attention(
         q_lin=q_src[0],
         k_lin=k_src[0],
@@ -150,6 +151,19 @@ def match_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, pre
         present_k=present_k,
         present_v=present_v,
     )
+
+
+def scores_matmul(present_k: ir.Value) -> ir.Node | None:
+    """``present_k -> Unsqueeze(2) -> Transpose(0,1,2,4,3) -> MatMul(q5, kT)``: the scores MatMul, or None."""
+    scores_mm = None
+    for u in consumers_of(present_k):
+        if u.op_type == "Unsqueeze" and (const(u.inputs[1]) is not None) and const(u.inputs[1]).tolist() == [2]:  # type: ignore[union-attr]
+            for tr in consumers_of(u.outputs[0]):
+                if tr.op_type == "Transpose" and attr_ints(tr, "perm") == (0, 1, 2, 4, 3):
+                    for mm in consumers_of(tr.outputs[0]):
+                        if mm.op_type == "MatMul" and mm.inputs[1] is tr.outputs[0]:
+                            scores_mm = mm
+    return scores_mm
 
 
 def _single_chain(v: ir.Value, ops: Sequence[str]) -> list[ir.Node | None] | None:
@@ -173,25 +187,26 @@ def _single_chain(v: ir.Value, ops: Sequence[str]) -> list[ir.Node | None] | Non
 class MergeAttentionPass(CountingPass):
     """Merge a pair's attentions into one wide attention.
 
-    Pattern, for pair (a, b) sharing positions (cos, sin), mask (keep, fill) and scale::
+        Pattern, for pair (a, b) sharing positions (cos, sin), mask (keep, fill) and scale::
 
-        ctx_a = Attn(q_a, k_a, v_a; past_a),  ctx_b = Attn(q_b, k_b, v_b; past_b)
-            ==>
-        [ctx_a | ctx_b] = Attn([q_a | q_b], [k_a | k_b], [v_a | v_b]; past_ab)   over 2H / 2·KVH heads
+            ctx_a = Attn(q_a, k_a, v_a; past_a),  ctx_b = Attn(q_b, k_b, v_b; past_b)
+                ==>
+            [ctx_a | ctx_b] = Attn([q_a | q_b], [k_a | k_b], [v_a | v_b]; past_ab)   over 2H / 2·KVH heads
 
-    Heads of a come first, then heads of b, for q and for k/v, so the grouped-query map q-head h ->
-    kv-head h // G is the same on the wide tensors. Rotary runs once on the wide q and k; Qwen3's q/k norm
-    runs per head with each branch's scale (a [2,1,D] scale on a [B,S,2,H,D] view — no weight copied).
-    The cache slot becomes ``past_key_values.{a}_{b}.key|value`` / ``present.{a}_{b}.key|value`` with
-    2·KVH heads, at the position of a's slot (see ``layerpair.iospec``). The wide q/k/v are Concats of the
-    branch projections, which ``MergeSiblingMatMulsPass`` then turns into one QKV MatMul; the per-branch
-    contexts are a Split that ``MergeReducingMatMulsPass`` folds into one o_proj.
+        Heads of a come first, then heads of b, for q and for k/v, so the grouped-query map q-head h ->
+        kv-head h // G is the same on the wide tensors. Rotary runs once on the wide q and k; Qwen3's q/k norm
+        runs per head with each branch's scale (a [2,1,D] scale on a [B,S,2,H,D] view — no weight copied).
+        The cache slot becomes ``past_key_values.{a}_{b}.key|value`` / ``present.{a}_{b}.key|value`` with
+        2·KVH heads, at the position of a's slot (see ``layerpair.iospec``). The wide q/k/v are Concats of the
+        branch projections, which ``MergeSiblingMatMulsPass`` then turns into one QKV MatMul; the per-branch
+        contexts are a Split that ``MergeReducingMatMulsPass`` folds into one o_proj.
 
-    Must not fire when: either branch does not match the exporter's attention structure; the branches use
-    different cos/sin, mask, fill or scale (e.g. different sliding windows); q/k norm on one branch only or
-    with different eps. (The pass then leaves the pair alone; ``merge_pairs`` reports the unmerged slot.)
+        Must not fire when: either branch does not match the exporter's attention structure; the branches use
+        different cos/sin, mask, fill or scale (e.g. different sliding windows); q/k norm on one branch only or
+        with different eps. (The pass then leaves the pair alone and records why in ``results``; ``merge_pairs``
+    fails with that reason.)
 
-    Invariant: same function; parameter count unchanged. Fires once per merged pair.
+        Invariant: same function; parameter count unchanged. Fires once per merged pair.
     """
 
     name = "merge_attention"
@@ -200,31 +215,49 @@ class MergeAttentionPass(CountingPass):
         super().__init__()
         self.arch = arch
         self.pairs = tuple(pairs)
+        #: per pair: ``FIRED`` or the reason the pair was left alone (reset on every call)
+        self.results: dict[tuple[int, int], str] = {}
 
     def rewrite(self, graph: ir.Graph) -> None:
-        unmerged = IOSpec.for_model(self.arch, (), merged=False)
+        self.results = {}
         merged = IOSpec.for_model(self.arch, self.pairs, merged=True)
-        inputs = {v.name: v for v in graph.inputs}
-        outputs = {v.name: v for v in graph.outputs}
-        slots = {s.layers[0]: s for s in unmerged.slots}
         for a, b in self.pairs:
-            names = [
-                (slots[i].past_key, slots[i].past_value, slots[i].present_key, slots[i].present_value) for i in (a, b)
-            ]
-            if any(
-                n[0] not in inputs or n[1] not in inputs or n[2] not in outputs or n[3] not in outputs for n in names
-            ):
-                continue
-            att = [match_attention(inputs[n[0]], inputs[n[1]], outputs[n[2]], outputs[n[3]]) for n in names]
-            A, B = att
-            if A is None or B is None or not _compatible(A, B) or not _independent(A, B):
-                continue
-            if not (_widths_ok(A, self.arch) and _widths_ok(B, self.arch)):
+            found = self._branches(graph, a, b)
+            if isinstance(found, str):
+                self.results[(a, b)] = found
                 continue
             slot = next(s for s in merged.slots if s.layers == (a, b))
             dims = {t.name: t.dims for t in [*merged.inputs, *merged.outputs]}  # the one I/O spec's dims
-            self._merge(graph, A, B, slot.past_key, slot.past_value, slot.present_key, slot.present_value, dims)
+            self._merge(graph, *found, slot.past_key, slot.past_value, slot.present_key, slot.present_value, dims)
+            self.results[(a, b)] = FIRED
             self.fired += 1
+
+    def _branches(self, graph: ir.Graph, a: int, b: int) -> tuple[_Attention, _Attention] | str:
+        """Both branches' attentions, matched and mergeable, or the reason they are not."""
+        slots = {s.layers[0]: s for s in IOSpec.for_model(self.arch, (), merged=False).slots}
+        inputs = {v.name: v for v in graph.inputs}
+        outputs = {v.name: v for v in graph.outputs}
+        att: list[_Attention] = []
+        for i in (a, b):
+            s = slots[i]
+            missing = [n for n in (s.past_key, s.past_value) if n not in inputs]
+            missing += [n for n in (s.present_key, s.present_value) if n not in outputs]
+            if missing:
+                return f"layer {i}: cache {', '.join(missing)} not in the graph's inputs/outputs"
+            found = check_attention(
+                inputs[s.past_key], inputs[s.past_value], outputs[s.present_key], outputs[s.present_value]
+            )
+            if isinstance(found, str):
+                return f"layer {i}: attention does not match: {found}"
+            if not _widths_ok(found, self.arch):
+                return f"layer {i}: q/k/v projection widths are not the config's"
+            att.append(found)
+        why = _incompatibility(att[0], att[1])
+        if why is not None:
+            return f"the branches differ: {why}"
+        if not _independent(att[0], att[1]):
+            return f"layer {b} reads layer {a}'s attention result (sequential layers, not a pair)"
+        return att[0], att[1]
 
     def _merge(
         self,
@@ -399,17 +432,22 @@ def _end(shape_node: ir.Node) -> int | None:
     return int(a.as_int()) if a is not None else None
 
 
-def _compatible(A: _Attention, B: _Attention) -> bool:
-    if A.cos is not B.cos or A.sin is not B.sin or A.keep is not B.keep:
-        return False
+def _incompatibility(A: _Attention, B: _Attention) -> str | None:
+    """Why two branches cannot share one wide attention (None when they can)."""
+    if A.cos is not B.cos or A.sin is not B.sin:
+        return "different rotary cos/sin"
+    if A.keep is not B.keep:
+        return "different attention masks (e.g. different sliding windows)"
     if scalar(A.scale) != scalar(B.scale) or scalar(A.fill) != scalar(B.fill):
-        return False
+        return f"different attention scale or mask fill ({scalar(A.scale)} vs {scalar(B.scale)})"
     if (A.scores_cast, A.probs_cast) != (B.scores_cast, B.probs_cast):
-        return False
-    for na, nb in ((A.q_norm, B.q_norm), (A.k_norm, B.k_norm)):
-        if (na is None) != (nb is None) or (na is not None and nb is not None and na.key != nb.key):
-            return False
-    return True
+        return "different softmax precision casts"
+    for what, na, nb in (("q", A.q_norm, B.q_norm), ("k", A.k_norm, B.k_norm)):
+        if (na is None) != (nb is None):
+            return f"{what} norm on one branch only"
+        if na is not None and nb is not None and na.key != nb.key:
+            return f"different {what} norms (eps {na.unit.eps:g} vs {nb.unit.eps:g}, or casts)"
+    return None
 
 
 def _remove_dead_cone(graph: ir.Graph, roots: list[ir.Node]) -> None:

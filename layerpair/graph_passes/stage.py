@@ -17,7 +17,8 @@ def merged_onnx_from_onnx(
 ) -> tuple[IOSpec, dict[str, Any]]:
     """Replace ``path`` (and its ``.data`` file, if any) by the merged graph, keeping the data layout.
 
-    Returns the merged I/O spec and the report entries: ``merged``, ``passes``, ``nodes_before/after``,
+    Returns the merged I/O spec and the report entries: ``merged``, ``passes``, ``pairs_merged`` (per pair:
+    wide, merge_attention fired or why not, problems), ``nodes_before/after``,
     ``matmuls_before/after``, ``parameters_check``, ``merge_seconds`` and ``onnx`` (updated file facts).
     The merged model is written next to the original first, so a failure leaves the original intact.
     """
@@ -38,6 +39,7 @@ def merged_onnx_from_onnx(
     info: dict[str, Any] = {
         "merged": True,
         "passes": rep["passes"],
+        "pairs_merged": rep["pairs"],
         "nodes_before": rep["nodes_before"],
         "nodes_after": rep["nodes_after"],
         "matmuls_before": rep["matmuls_before"],
