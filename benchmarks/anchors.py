@@ -50,7 +50,7 @@ def prepare_checkpoint(dest: Path, say: Any) -> dict[str, Any]:
         from layerpair.exporter.loading import load_checkpoint, save_fp32_copy
 
         say(f"saving SmolLM2-135M as a Hugging Face directory to {dest}")
-        ck = load_checkpoint("smollm2-135m")
+        ck = load_checkpoint("smollm2-135m", keep_model=True)
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_fp32_copy(ck.model, ck.tokenizer, tmp)

@@ -595,7 +595,7 @@ def run(s: Settings, out: Path, threads: int, cache: Path, say: Callable[[str], 
         scaling_size(c, s.size_models)
     import onnxruntime
 
-    from layerpair.exporter.pipeline import versions
+    from layerpair.pipeline import versions
 
     result: dict[str, Any] = {
         "schema": SCHEMA_THROUGHPUT,

@@ -34,7 +34,7 @@ VERBS["triton"] = "layerpair.deploy.triton:triton_cli"
 def export_parser() -> argparse.ArgumentParser:
     from layerpair.exporter.loading import DEFAULT_MODEL
     from layerpair.exporter.onnx_export import DEFAULT_OPSET
-    from layerpair.exporter.pipeline import DEFAULT_ATOL
+    from layerpair.pipeline import DEFAULT_ATOL
 
     p = argparse.ArgumentParser(
         prog="layerpair-export",
@@ -56,11 +56,19 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None, help="output directory (default: ./<model>-lp<pairs>)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument(
+    data = p.add_mutually_exclusive_group()
+    data.add_argument(
         "--external-data",
+        dest="external_data",
         action="store_true",
         default=None,
-        help="store weights in model.onnx.data (automatic above 2 GB)",
+        help="store weights in model.onnx.data, written tensor by tensor (the default)",
+    )
+    data.add_argument(
+        "--single-file",
+        dest="external_data",
+        action="store_false",
+        help="weights inside model.onnx (models under 2 GB; costs two transient copies of the weights)",
     )
     p.add_argument(
         "--atol",
@@ -90,7 +98,7 @@ def _default_output(model: str, pairs: str) -> Path:
 def run_export_cli(argv: Sequence[str]) -> int:
     preflight_from_argv(argv)  # --trt without TensorRT fails here, before torch is even imported
     from layerpair.exporter.pairs import parse_pairs
-    from layerpair.exporter.pipeline import ExportOptions, run_export
+    from layerpair.pipeline import ExportOptions, run_export
 
     args = export_parser().parse_args(argv)
     dtype, engine = engine_options_from_args(args)

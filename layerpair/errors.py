@@ -23,6 +23,10 @@ class ModelLoadError(LayerpairError):
     """The checkpoint cannot be found, read or downloaded."""
 
 
+class NonFiniteWeightError(ModelLoadError):
+    """A checkpoint weight is NaN or infinite."""
+
+
 class UnsupportedModelError(LayerpairError):
     """The checkpoint loads but its architecture or a setting in it is outside what we support."""
 

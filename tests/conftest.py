@@ -127,7 +127,7 @@ def smollm2_checkpoint():  # type: ignore[no-untyped-def]
     """The embedded SmolLM2-135M-Instruct, loaded once (fp32 from GGUF, ~40 s)."""
     from layerpair.exporter.loading import load_checkpoint
 
-    return load_checkpoint("smollm2-135m")
+    return load_checkpoint("smollm2-135m", keep_model=True)
 
 
 # Tests that need the real SmolLM2 share session fixtures that cost minutes each. Under pytest-xdist

@@ -127,7 +127,8 @@ def torch_text(
 
     from layerpair.exporter.loading import load_checkpoint
 
-    ck = load_checkpoint(str(report["model"]), lambda m: print(f"[layerpair] {m}", file=sys.stderr, flush=True))
+    say = lambda m: print(f"[layerpair] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    ck = load_checkpoint(str(report["model"]), say, keep_model=True)
     kw: dict[str, Any] = {"do_sample": False}
     if sampling is not None:
         if sampling.seed is not None:

@@ -285,6 +285,9 @@ def triton_repo_from_export(
             gen_name = f"{o.name}_generate"
             v = tmp / gen_name / "1"
             link_or_copy(export.model_path, v / "decoder.onnx")
+            data = export.model_path.with_name(export.model_path.name + ".data")
+            if data.is_file():  # the graph names its weight file relative to itself: same name beside it
+                link_or_copy(data, v / data.name)
             shutil.copy2(DEPLOY_DIR / "runtime.py", v / "lp_runtime.py")
             shutil.copy2(DEPLOY_DIR / "triton_generate_model.py", v / "model.py")
             (v / "io.json").write_text(

@@ -248,31 +248,33 @@ class TypedTorchRunner:
 
 @dataclass
 class TypedExport:
-    decoder: Decoder  # what to export (``dec`` itself for fp32)
+    decoder: Decoder | None  # what to export (``dec`` itself for fp32); None once exported and released
     spec: Any  # IOSpec of the exported (unmerged) graph, in ``dtype``
     overflow: OverflowReport
 
     validated_by: str = "onnxruntime"
 
     def agreement(
-        self, onnx_path: Path, spec: Any, dec32: Decoder, tokenizer: Any, progress: Callable[[str], None]
+        self, onnx_path: Path, spec: Any, reference: Any, ref_spec: Any, tokenizer: Any, progress: Callable[[str], None]
     ) -> Any:
-        """ONNX Runtime on ``onnx_path`` (I/O ``spec``, merged or not) against the fp32 reference.
+        """ONNX Runtime on ``onnx_path`` (I/O ``spec``, merged or not) against the fp32 ``reference`` runner.
 
         bf16: ONNX Runtime's CPU provider has no bf16 kernels (NOT_IMPLEMENTED for Mul), so the graph cannot run
         here; the exported bf16 PyTorch decoder stands in for the dtype check (``validated_by`` says so) and the
         graph itself is checked by the engine build and, on a GPU, against PyTorch."""
-        from layerpair.exporter.validate import OrtRunner, Runner, TorchRunner, compare_runners
+        from layerpair.exporter.validate import OrtRunner, Runner, compare_runners
 
         ours: Runner | TypedTorchRunner
         if spec.dtype == "bfloat16":
             self.validated_by = "pytorch-bf16 (ONNX Runtime CPU has no bf16 kernels; the ONNX graph was not run)"
             progress(f"bf16: validating with {self.validated_by}")
+            if self.decoder is None:
+                raise RuntimeError("the bf16 decoder was released before its validation")
             ours = TypedTorchRunner(self.decoder, "bfloat16")
-            spec = type(spec).for_model(dec32.arch, dec32.pairs, dtype="float32")
+            spec = type(spec).for_model(self.decoder.arch, self.decoder.pairs, dtype="float32")
         else:
             ours = OrtRunner(onnx_path, spec)
-        return compare_runners(ours, spec, TorchRunner(dec32), dec32.io, tokenizer)  # type: ignore[arg-type]
+        return compare_runners(ours, spec, reference, ref_spec, tokenizer)  # type: ignore[arg-type]
 
 
 def typed_export(dec32: Decoder, dtype: str, tokenizer: Any, progress: Callable[[str], None]) -> TypedExport:
@@ -301,13 +303,14 @@ def reference_cache_max(dec32: Decoder, tokenizer: Any) -> float:
     return max(float(t.abs().max()) for t in out[1:])
 
 
-def tolerance_failures(agreement: dict[str, Any], dtype: str, atol: float, dec32: Decoder, tokenizer: Any) -> list[str]:
-    """validate.within_tolerance for fp32; the normwise dtype tolerance for 16-bit graphs."""
+def tolerance_failures(agreement: dict[str, Any], dtype: str, atol: float, ref_cache_max: float) -> list[str]:
+    """validate.within_tolerance for fp32; the normwise dtype tolerance for 16-bit graphs, the cache's relative
+    to ``ref_cache_max`` (the reference's largest |K|,|V| on the validation prompt)."""
     if dtype == "float32":
         from layerpair.exporter.validate import within_tolerance
 
         return within_tolerance(agreement, atol)
-    return within_dtype_tolerance(agreement, dtype, reference_cache_max(dec32, tokenizer), atol)
+    return within_dtype_tolerance(agreement, dtype, ref_cache_max, atol)
 
 
 def tolerance_json(dtype: str, atol: float) -> dict[str, object]:

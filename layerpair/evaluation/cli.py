@@ -141,13 +141,11 @@ def run_eval_cli(argv: Sequence[str]) -> int:
 
     from layerpair.evaluation.selection import select_pairs
     from layerpair.exporter.loading import load_checkpoint
-    from layerpair.exporter.model import Decoder
 
     t0 = time.perf_counter()
     say(f"loading {a.model}")
     ck = load_checkpoint(a.model, say)
-    dec0 = Decoder.from_hf(ck.model, ck.arch, ())
-    ck.model = None  # the Decoder holds its own copy of the weights
+    dec0 = ck.decoder(())  # read tensor by tensor; the checkpoint keeps no copy
     if ck.tokenizer is None:
         raise InputError(f"model '{a.model}' has no tokenizer", "use a checkpoint that ships one")
     encode = encoder(ck.tokenizer)

@@ -53,15 +53,13 @@ class LayerpairLM(TemplateLM):  # type: ignore[misc]
         super().__init__()
         from layerpair.evaluation.selection import with_pairs
         from layerpair.exporter.loading import load_checkpoint
-        from layerpair.exporter.model import Decoder
         from layerpair.exporter.pairs import parse_pairs
 
         ck = load_checkpoint(model)
         if ck.tokenizer is None:
             raise InputError(f"model '{model}' has no tokenizer", "use a checkpoint that ships one")
         self.tokenizer = ck.tokenizer
-        dec0 = Decoder.from_hf(ck.model, ck.arch, ())
-        ck.model = None
+        dec0 = ck.decoder(())
         self.pairs = parse_pairs(pairs, ck.arch.num_layers)
         self.backend: LogitsBackend
         if onnx is not None:

@@ -145,7 +145,7 @@ def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, di
 
         if ckpt.tokenizer is None:
             raise InputError("--pairs auto / --heal need the model's tokenizer", "use a checkpoint that ships one")
-        dec0 = Decoder.from_hf(ckpt.model, ckpt.arch, ())
+        dec0 = ckpt.decoder(())
         tokens = encoder(ckpt.tokenizer)(text_from_arg(a.calib_text, getattr(a, "text_field", "text")))
         say = progress_to_stderr
         sel = select_pairs(a, dec0, tokens, same_text=False, progress=say)

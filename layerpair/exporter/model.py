@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from layerpair.arch import ArchSpec
+from layerpair.errors import NonFiniteWeightError
+from layerpair.exporter.weights import StateDictWeights, WeightReader, require
 from layerpair.iospec import IOSpec
 
 
@@ -215,41 +217,63 @@ class Decoder(nn.Module):
         logits = x @ self.embed_tokens.t() if self.lm_head is None else x @ self.lm_head
         return (logits.float(), *presents)
 
-    # ---- construction from transformers --------------------------------------------------------
+    # ---- construction from checkpoint weights ---------------------------------------------------
+    def hf_names(self) -> dict[str, tuple[str, bool]]:
+        """Our parameter name -> (Hugging Face name, stored transposed): nn.Linear is [out,in], ours [in,out]."""
+        out: dict[str, tuple[str, bool]] = {"embed_tokens": ("model.embed_tokens.weight", False)}
+        out["norm.weight"] = ("model.norm.weight", False)
+        if self.lm_head is not None:
+            out["lm_head"] = ("lm_head.weight", True)
+        for name, _ in self.layers.named_parameters():
+            i, rest = name.split(".", 1)
+            hf = f"model.layers.{i}." + rest
+            if rest.endswith("_bias"):
+                out[f"layers.{name}"] = (hf.replace("_bias", "_proj.bias"), False)
+            elif rest.endswith("_proj"):
+                out[f"layers.{name}"] = (hf + ".weight", True)
+            else:
+                out[f"layers.{name}"] = (hf, False)
+        return out
+
+    @classmethod
+    def from_weights(
+        cls, reader: WeightReader, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = (), progress: Any = None
+    ) -> Decoder:
+        """Read every weight from ``reader`` (fp32), one tensor at a time; no other copy of the model is made.
+
+        Built on the meta device first, so no placeholder is ever allocated. A non-finite weight is an input
+        error naming the tensor: it would otherwise export, and the first NaN would poison every later step.
+        """
+        with torch.device("meta"):
+            dec = cls(arch, pairs)
+        names = dec.hf_names()
+        require(reader, [hf for hf, _ in names.values()])
+        for k, (ours, (hf, transposed)) in enumerate(names.items()):
+            t = reader.read(hf).to(torch.float32)
+            t = t.t().contiguous() if transposed else t.contiguous()
+            # A float64 sum is finite exactly when every element is (fp32 values cannot overflow it): 20x
+            # cheaper than an elementwise isfinite over the whole model.
+            if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+                raise NonFiniteWeightError(
+                    f"checkpoint tensor '{hf}' holds {int((~torch.isfinite(t)).sum())} non-finite value(s)",
+                    "repair or re-download the checkpoint: a NaN/inf weight makes every output NaN",
+                )
+            mod, _, attr = ours.rpartition(".")
+            setattr(dec.get_submodule(mod) if mod else dec, attr, nn.Parameter(t, requires_grad=False))
+            if progress is not None:
+                progress(k + 1, len(names))
+        dec.inv_freq = torch.tensor(arch.rope.inv_freq(arch.head_dim), dtype=torch.float64).float()
+        return dec.eval()
+
     @classmethod
     def from_hf(cls, hf_model: nn.Module, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = ()) -> Decoder:
-        """Copy weights out of a transformers *ForCausalLM (shares no storage with it)."""
+        """Copy weights out of a transformers *ForCausalLM (shares no storage with it), as fp32."""
         sd = hf_model.state_dict()
-        dec = cls(arch, pairs)
+        dec = cls.from_weights(StateDictWeights(sd), arch, pairs)
         dtype = sd["model.embed_tokens.weight"].dtype
-
-        def t(name: str) -> Tensor:  # nn.Linear weight [out,in] -> ours [in,out]
-            return sd[name].t().contiguous()
-
-        with torch.no_grad():
-            dec.embed_tokens.data = sd["model.embed_tokens.weight"].clone()
-            dec.norm.weight.data = sd["model.norm.weight"].clone()
-            if dec.lm_head is not None:
-                dec.lm_head.data = t("lm_head.weight")
-            for i, layer in enumerate(dec.layers):
-                p = f"model.layers.{i}."
-                L: Any = layer
-                L.input_layernorm.weight.data = sd[p + "input_layernorm.weight"].clone()
-                L.post_attention_layernorm.weight.data = sd[p + "post_attention_layernorm.weight"].clone()
-                at, mlp = L.self_attn, L.mlp
-                for proj in ("q", "k", "v", "o"):
-                    setattr(at, f"{proj}_proj", nn.Parameter(t(p + f"self_attn.{proj}_proj.weight"), False))
-                    if getattr(at, f"{proj}_bias") is not None:
-                        at.__getattr__(f"{proj}_bias").data = sd[p + f"self_attn.{proj}_proj.bias"].clone()
-                if at.q_norm is not None:
-                    at.q_norm.weight.data = sd[p + "self_attn.q_norm.weight"].clone()
-                    at.k_norm.weight.data = sd[p + "self_attn.k_norm.weight"].clone()
-                for proj in ("gate", "up", "down"):
-                    setattr(mlp, f"{proj}_proj", nn.Parameter(t(p + f"mlp.{proj}_proj.weight"), False))
-                    if getattr(mlp, f"{proj}_bias") is not None:
-                        mlp.__getattr__(f"{proj}_bias").data = sd[p + f"mlp.{proj}_proj.bias"].clone()
-        dec = dec.to(dtype).eval()
-        dec.inv_freq = dec.inv_freq.float()  # .to() casts buffers too; rotary stays fp32
+        if dtype != torch.float32:  # a 16-bit model stays 16-bit; rotary stays fp32
+            dec = dec.to(dtype)
+            dec.inv_freq = dec.inv_freq.float()
         return dec
 
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[Tensor]:

@@ -158,6 +158,65 @@ class OrtRunner(Runner):
         return out[0], list(out[1:])
 
 
+class RecordedRunner(Runner):
+    """A reference recorded once and replayed: the PyTorch model runs one time for every graph validated
+    against it (unmerged and merged), and can be freed before any ONNX Runtime session holds the weights.
+
+    Replay returns the recorded outputs call by call and checks that the inputs are the recorded ones: the
+    validation script is deterministic given the reference, so a mismatch is a bug, never a silent reuse.
+    """
+
+    def __init__(self, inner: Runner | None) -> None:
+        self.inner = inner
+        self.calls: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]] = []
+        self.i = 0
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def last(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.calls[self.i - 1][3], self.calls[self.i - 1][4]
+
+    def step(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self.i < len(self.calls):
+            r_ids, r_mask, r_pos, logits, presents = self.calls[self.i]
+            if not (np.array_equal(ids, r_ids) and np.array_equal(mask, r_mask) and np.array_equal(pos, r_pos)):
+                raise RuntimeError(f"validation step {self.i} differs from the recorded reference step")
+        elif self.inner is None:
+            raise RuntimeError(f"validation step {self.i} was never recorded")
+        else:
+            logits, presents = self.inner.step(ids, mask, pos, past)
+            self.calls.append((ids.copy(), mask.copy(), pos.copy(), logits, presents))
+        self.i += 1
+        return logits, presents
+
+    def cache_max(self) -> float:
+        """Largest |K|,|V| the reference produced on the first (prefill) step: the scale of 16-bit tolerances."""
+        return max(float(np.max(np.abs(t))) for t in self.calls[0][4] if t.size)
+
+
+class _Echo(Runner):
+    """Returns the reference's own last outputs: drives ``compare_runners`` once just to record the reference."""
+
+    def __init__(self, ref: RecordedRunner) -> None:
+        self.ref = ref
+
+    def step(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.ref.last()
+
+
+def record_reference(ref: Runner, spec: IOSpec, tokenizer: Any = None) -> RecordedRunner:
+    """Run ``ref`` through every validation case once and keep its outputs (it is not used after this)."""
+    rec = RecordedRunner(ref)
+    compare_runners(_Echo(rec), spec, rec, spec, tokenizer)
+    rec.inner = None
+    return rec
+
+
 def empty_past(spec: IOSpec, batch: int, dtype: Any = None) -> list[np.ndarray]:
     """Zero-length K/V for every slot, in the spec's cache dtype unless ``dtype`` is given."""
     if dtype is None:
@@ -194,8 +253,8 @@ class _Pair:
         )
 
     def step(self, agr: Agreement, where: str, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> None:
+        self.lr, self.pr = self.ref.step(ids, mask, pos, self.pr)  # the reference first: see ``_Echo``
         lo, self.po = self.ours.step(ids, mask, pos, self.po)
-        self.lr, self.pr = self.ref.step(ids, mask, pos, self.pr)
         valid = mask[:, -ids.shape[1] :].astype(bool)
         agr.update(lo, self.lr, valid, where, pos)
         agr.update_present(per_layer(self.po, self.ours_spec), per_layer(self.pr, self.ref_spec), where)
@@ -222,6 +281,8 @@ def compare_runners(
     """
     vocab = ours_spec.arch.vocab_size
     res = {k: Agreement() for k in ("prefill", "decode", "chunked", "padded")}
+    if isinstance(ref, RecordedRunner):
+        ref.rewind()
     run = _Pair(ours, ours_spec, ref, ref_spec)
 
     # prefill + decode, batch 1, then a prompt chunk on top of that cache

@@ -151,4 +151,6 @@ def save_model(model: ir.Model, path: Path, external_data: bool | None = None) -
     if external_data is None:
         external_data = float_param_count(model.graph) * 4 >= TWO_GB
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not external_data:  # weights read from another file's .data are embedded, not left as dangling references
+        ir.external_data.load_to_model(model)
     ir.save(model, str(path), external_data=path.name + ".data" if external_data else None)

@@ -20,11 +20,10 @@ from tests.conftest import tiny_config
 def _reference_greedy(export: Path, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens from the PyTorch Decoder (same pairs), recomputing the whole sequence each step (no cache)."""
     from layerpair.exporter.loading import load_checkpoint
-    from layerpair.exporter.model import Decoder
 
     report = json.loads((export / "report.json").read_text())
     ck = load_checkpoint(report["model"])
-    dec = Decoder.from_hf(ck.model, ck.arch, [tuple(p) for p in report["pairs"]]).eval()
+    dec = ck.decoder([tuple(p) for p in report["pairs"]])
     empty = [torch.zeros(1, s.num_kv_heads, 0, ck.arch.head_dim) for s in dec.io.slots for _ in (0, 1)]
     ids = list(prompt)
     for _ in range(n):

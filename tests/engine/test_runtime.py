@@ -79,7 +79,7 @@ def test_engine_vs_torch_metrics_run_on_cpu_with_any_runner(tiny_export: TinyExp
     g = res["generation"]
     assert g["tokens"] == 64 and g["teacher_forced_top1"] >= 0.9 and 0 <= g["mean_kl"] < 1e-3
     assert 0 < g["logits_max_abs"] < 0.05 and 0 <= g["free_running_identical_prefix"] <= 64
-    assert set(res["agreement"]) == {"prefill", "decode", "padded"}
+    assert set(res["agreement"]) == {"prefill", "decode", "chunked", "padded"}
     feeds = _feeds(spec, 2, 3, 5, spec.arch.vocab_size)
     assert {k: v.shape for k, v in feeds.items()} == spec.shapes({"batch": 2, "sequence": 3, "past_sequence": 5})
     assert feeds["past_key_values.0.key"].dtype == np.float16 and feeds["input_ids"].dtype == np.int64

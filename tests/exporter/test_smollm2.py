@@ -37,10 +37,10 @@ def test_gguf_fp32_cache_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     cache = gguf_cache_dir(resolve_source("smollm2-135m"))
     assert cache is not None and cache.parent.parent == tmp_path and not cache.exists()
     said: list[str] = []
-    a = load_checkpoint("smollm2-135m", said.append)
+    a = load_checkpoint("smollm2-135m", said.append, keep_model=True)
     assert (cache / "model.safetensors").is_file() and any("GGUF dequantised" in m for m in said)
     said.clear()
-    b = load_checkpoint("smollm2-135m", said.append)
+    b = load_checkpoint("smollm2-135m", said.append, keep_model=True)
     assert any("cached fp32 copy" in m for m in said), said
     assert a.arch == b.arch and a.kind == b.kind == "embedded"
     sa, sb = a.model.state_dict(), b.model.state_dict()

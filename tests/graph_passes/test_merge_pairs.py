@@ -79,7 +79,7 @@ def test_merged_pair_is_one_wide_layer(arch: str, tiny_pair_exports: dict[str, T
     assert weights[(h, 4 * i)] == 1  # gate/up of both branches
     assert weights[(2 * i, h)] == 1  # down of both branches
     assert report["passes"] == {
-        "share_rmsnorm": 0,
+        "share_rmsnorm": 2,  # the exporter writes each branch's norm of the shared input; now one per sub-layer
         "fold_norm_scales": 4,
         "merge_attention": 1,
         "merge_sibling_matmuls": 2,

@@ -1,0 +1,213 @@
+"""The export job: the stages of every subpackage composed in order, each returning its report section.
+
+    open checkpoint -> reference Decoder (pairs; or --pairs auto / --heal) -> typed copy (--dtype)
+      -> ONNX (exporter) -> validate -> merge pairs (graph_passes) -> validate merged -> engine (engine/)
+
+Lives above the stage packages (exporter, graph_passes, engine, evaluation): it may import any of them and none
+of them imports it. Every stage runs under a ``Meter`` that records its wall time and its peak resident memory
+into ``report.json`` (``timings_s``, ``peak_rss_mb_by_stage``); everything is written to a temporary sibling of
+the output directory and renamed into place only when every stage passed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerpair.errors import ValidationError
+from layerpair.exporter.loading import Checkpoint, load_checkpoint
+from layerpair.exporter.model import Decoder
+from layerpair.exporter.onnx_export import DEFAULT_OPSET, export_onnx
+from layerpair.exporter.pairs import Pairs
+from layerpair.exporter.validate import Agreement, RecordedRunner, TorchRunner, record_reference
+from layerpair.graph_passes.stage import merged_onnx_from_onnx
+from layerpair.iospec import IOSpec
+from layerpair.meter import Meter, counter_progress
+from layerpair.outdir import staged_output
+
+DEFAULT_ATOL = 1e-4
+Progress = Callable[[str], None]
+
+
+def stderr_progress(msg: str) -> None:
+    print(f"[layerpair] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    pairs_spec: str = "none"
+    output: Path = Path("out")
+    force: bool = False
+    opset: int = DEFAULT_OPSET
+    external_data: bool | None = None  # None/True: model.onnx.data; False: one file (< 2 GB)
+    atol: float = DEFAULT_ATOL
+    merge: bool = True  # --no-merge keeps each pair as two branches (layerpair/graph_passes)
+    extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"  # graph dtype (--dtype), see layerpair/engine/dtype.py
+    engine: Any = None  # layerpair.engine.stage.EngineOptions with --trt
+    # --pairs auto / --heal: checkpoint -> (Decoder to export, report entries); see layerpair/evaluation/selection.py
+    decoder_for: Any = None
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def format_agreement(res: dict[str, Agreement]) -> str:
+    return "  ".join(f"{k}: max_abs {a.max_abs:.2e} top1 {a.top1:.3f}" for k, a in res.items())
+
+
+def reference_decoder(
+    ckpt: Checkpoint, opts: ExportOptions, pairs_for: Callable[[int], Pairs], say: Progress
+) -> Decoder:
+    """The fp32 PyTorch pair-parallel model every graph is validated against (chosen/healed with --pairs auto)."""
+    if opts.decoder_for is not None:  # chosen (and healed) on calibration text; validated like any other
+        dec, chosen = opts.decoder_for(ckpt)
+        opts.extra.update(chosen)
+        return dec
+    pairs = pairs_for(ckpt.arch.num_layers)
+    return ckpt.decoder(pairs, counter_progress(say, "reading weights"))
+
+
+def onnx_section(dec: Decoder, path: Path, opts: ExportOptions, say: Progress) -> dict[str, Any]:
+    pairs = list(map(list, dec.pairs)) or "none"
+    say(f"writing ONNX (opset {opts.opset}, pairs {pairs})")
+    proto = export_onnx(dec, path, opts.opset, opts.external_data, counter_progress(say, "writing weights"))
+    data = path.with_name(path.name + ".data")
+    return {
+        "file": path.name,
+        "external_data": data.name if data.exists() else None,
+        "opset": opts.opset,
+        "nodes": len(proto.graph.node),
+        "matmuls": sum(n.op_type == "MatMul" for n in proto.graph.node),
+        "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
+    }
+
+
+@dataclass
+class _Validator:
+    """ONNX Runtime on a graph against the recorded fp32 PyTorch reference; ValidationError above tolerance."""
+
+    typed: Any  # engine.dtype.TypedExport
+    reference: RecordedRunner
+    ref_spec: IOSpec
+    tokenizer: Any
+    opts: ExportOptions
+    say: Progress
+
+    def __call__(self, path: Path, spec: IOSpec, what: str, fix: str) -> dict[str, Agreement]:
+        from layerpair.engine.dtype import tolerance_failures
+
+        agreement = self.typed.agreement(path, spec, self.reference, self.ref_spec, self.tokenizer, self.say)
+        self.say(format_agreement(agreement))
+        bad = tolerance_failures(agreement, self.opts.dtype, self.opts.atol, self.reference.cache_max())
+        if bad:
+            raise ValidationError(f"{what} disagrees with PyTorch: " + "; ".join(bad), fix)
+        return agreement
+
+
+def run_export(
+    opts: ExportOptions, pairs_for: Callable[[int], Pairs], progress: Progress = stderr_progress
+) -> dict[str, Any]:
+    """Load, apply pairs, export, validate, merge, validate; write ``opts.output`` atomically. Returns the report."""
+    from layerpair.engine.dtype import typed_export
+
+    meter = Meter(progress)
+    with staged_output(opts.output, opts.force) as tmp:
+        with meter("load"):
+            progress(f"opening {opts.model}")
+            ckpt = load_checkpoint(opts.model, progress)
+            dec = reference_decoder(ckpt, opts, pairs_for, progress)
+            typed = typed_export(dec, opts.dtype, ckpt.tokenizer, progress)  # --dtype: engine/dtype.py
+        with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
+            progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
+            reference = record_reference(TorchRunner(dec), dec.io, ckpt.tokenizer)
+        spec, ref_spec, pairs = typed.spec, dec.io, dec.pairs  # spec: I/O of OUT/model.onnx
+        with meter("export"):
+            onnx_info = onnx_section(typed.decoder or dec, tmp / "model.onnx", opts, progress)
+        keep = opts.engine is not None or opts.dtype == "bfloat16"  # GPU checks / bf16 still run PyTorch
+        if not keep:  # ONNX Runtime sessions below hold the weights: never next to the PyTorch copy
+            del dec
+            typed.decoder = None
+            gc.collect()
+        validate = _Validator(typed, reference, ref_spec, ckpt.tokenizer, opts, progress)
+        with meter("validate"):
+            progress("validating ONNX Runtime against PyTorch")
+            fix = "nothing was written; report this model and flags as a bug (or raise --atol if justified)"
+            agreement = validate(tmp / "model.onnx", spec, "ONNX Runtime", fix)
+        merge_info: dict[str, Any] = {"merged": False}
+        if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
+            with meter("merge"):
+                progress("merging each pair into one wide layer (graph passes)")
+                spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
+                onnx_info.update(merge_info.pop("onnx"))
+            with meter("validate_merged"):
+                progress("validating the merged ONNX against PyTorch")
+                merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
+                fix = "nothing was written; export with --no-merge and report this model and flags as a bug"
+                agreement = validate(tmp / "model.onnx", spec, "merged ONNX", fix)
+        if ckpt.tokenizer is not None:
+            ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        report = _report(opts, ckpt, pairs, typed, onnx_info, spec, agreement, merge_info)
+        if opts.engine is not None:  # after the ONNX (and merge) stages: builds from whatever model.onnx is now
+            from layerpair.engine.stage import engine_from_onnx_dir
+
+            with meter("engine"):
+                report["engine"] = engine_from_onnx_dir(tmp, spec, opts.engine, progress, dec, ckpt.tokenizer)
+        report.update(meter.to_json())
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(
+    opts: ExportOptions,
+    ckpt: Checkpoint,
+    pairs: Pairs,
+    typed: Any,
+    onnx_info: dict[str, Any],
+    spec: IOSpec,
+    agreement: dict[str, Agreement],
+    merge_info: dict[str, Any],
+) -> dict[str, Any]:
+    from layerpair.engine.dtype import tolerance_json
+
+    arch = ckpt.arch
+    report: dict[str, Any] = {
+        "model": opts.model,
+        "source": {"kind": ckpt.kind, "location": ckpt.location},
+        "architecture": arch.model_type,
+        "num_layers": arch.num_layers,
+        "pairs": [list(p) for p in pairs],
+        "depth": arch.num_layers - len(pairs),
+        "parameters": arch.num_parameters(),
+        "dtype": opts.dtype,
+        "onnx": onnx_info,
+        "io": spec.to_json(),
+        "tolerance": tolerance_json(opts.dtype, opts.atol),
+        "agreement": {k: a.to_json() for k, a in agreement.items()},
+        "versions": versions(),
+        **merge_info,
+        **opts.extra,
+    }
+    if opts.dtype != "float32":
+        report["overflow_scan"] = typed.overflow.to_json()
+        report["validated_by"] = typed.validated_by
+    return report
