@@ -51,9 +51,10 @@ def merge_pairs(
     """Merge every pair of ``model`` (an ``ir.Model`` — modified in place — or a path, loaded lazily).
 
     Returns the model and a report: ``passes`` {name: times fired}, ``pairs`` {"a-b": ``pair_results``},
-    node/MatMul counts, ``parameters`` {before, after, folded_norm_scales, equal}, ``seconds`` (load included),
-    ``pass_seconds``. All or nothing: raises ``GraphPassError`` naming the pair and the reasons when a pair is
-    not fully wide or the MatMul count is not ``matmuls_expected_after``; also when the I/O is not
+    node/MatMul counts, ``parameters`` {before, after, folded_norm_scales, summed_biases, equal} (``equal``:
+    before == after + folded norm scales + the biases summed by ``merge_reducing_matmuls``), ``seconds`` (load
+    included), ``pass_seconds``. All or nothing: raises ``GraphPassError`` naming the pair and the reasons when
+    a pair is not fully wide or the MatMul count is not ``matmuls_expected_after``; also when the I/O is not
     ``IOSpec.for_model(arch, pairs, merged=True)`` or the parameter count changed.
     """
     t0 = time.perf_counter()
@@ -66,7 +67,6 @@ def merge_pairs(
         passes = []
     params_before = float_param_count(g)
     fired: dict[str, int] = {p.name: 0 for p in pair_passes(arch, pairs)}
-    folded = 0
     seconds: dict[str, float] = {}
     for p in passes:
         if isinstance(p, CleanupPass) and not any(fired.values()):
@@ -75,9 +75,6 @@ def merge_pairs(
         p(model)
         fired[p.name] = p.fired
         seconds[p.name] = round(time.perf_counter() - t, 3)
-        if isinstance(p, FoldNormScalesPass):
-            folded = p.folded_parameters
-    params_after = float_param_count(g)
     per_pair = pair_results(g, arch, pairs, passes)
     _check_pairs(per_pair, matmuls_before - MATMULS_SAVED_PER_PAIR * len(pairs), count_ops(g, "MatMul"))
     spec = IOSpec.for_model(arch, pairs, merged=True)
@@ -90,21 +87,24 @@ def merge_pairs(
         "matmuls_after": count_ops(g, "MatMul"),
         "matmuls_expected_after": matmuls_before - MATMULS_SAVED_PER_PAIR * len(pairs),
         "pairs": per_pair,
-        "parameters": {
-            "before": params_before,
-            "after": params_after,
-            "folded_norm_scales": folded,
-            "equal": params_before == params_after + folded,
-        },
+        "parameters": _check_parameters(params_before, float_param_count(g), passes),
         "seconds": round(time.perf_counter() - t0, 3),
         "pass_seconds": seconds,
     }
-    if not report["parameters"]["equal"]:
+    return model, report
+
+
+def _check_parameters(before: int, after: int, passes: Sequence[CountingPass]) -> dict[str, Any]:
+    """Parameters are only moved, except the norm scales folded into weights and the biases summed into one."""
+    folded = sum(p.folded_parameters for p in passes if isinstance(p, FoldNormScalesPass))
+    summed = sum(p.summed_bias_parameters for p in passes if isinstance(p, MergeReducingMatMulsPass))
+    if before != after + folded + summed:
         raise GraphPassError(
-            f"parameter count changed from {params_before} to {params_after} (+{folded} folded) while merging",
+            f"parameter count changed from {before} to {after} (+{folded} folded, +{summed} biases summed) "
+            "while merging",
             "report this model as a bug, or export with --no-merge",
         )
-    return model, report
+    return {"before": before, "after": after, "folded_norm_scales": folded, "summed_biases": summed, "equal": True}
 
 
 def pair_results(

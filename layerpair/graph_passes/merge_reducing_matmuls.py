@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -22,78 +23,124 @@ from layerpair.graph_passes.base import (
 )
 
 
+@dataclass(frozen=True)
+class _Proj:
+    """``x @ W [+ b]``: the MatMul, its weight and, when present, the bias Add and the bias."""
+
+    matmul: ir.Node
+    weight: ir.TensorProtocol  # [K, N]
+    bias_add: ir.Node | None
+    bias: ir.Value | None  # [N]
+
+    @property
+    def bias_tensor(self) -> ir.TensorProtocol | None:
+        return self.bias.const_value if self.bias is not None else None
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        """Outermost first, so ``remove_if_dead`` frees them in one sweep."""
+        return ([self.bias_add] if self.bias_add is not None else []) + [self.matmul]
+
+
 class MergeReducingMatMulsPass(CountingPass):
     """Merge the output projections of a pair (o_proj, down_proj).
 
-    Pattern (``Wa`` [Ka, N], ``Wb`` [Kb, N] constant; the inner sum optional)::
+    Pattern (``Wa`` [Ka, N], ``Wb`` [Kb, N] constant; ``ba``, ``bb`` optional constant biases [N]; the inner
+    sum optional)::
 
-        (r + a @ Wa) + b @ Wb      ==>     r + concat(a, b) @ [Wa; Wb]
-        a @ Wa + b @ Wb            ==>     concat(a, b) @ [Wa; Wb]
+        (r + (a @ Wa + ba)) + (b @ Wb + bb)   ==>   r + (concat(a, b) @ [Wa; Wb] + (ba + bb))
+        (a @ Wa + ba) + (b @ Wb + bb)         ==>   concat(a, b) @ [Wa; Wb] + (ba + bb)
+
+    A missing bias counts as zero (one biased branch keeps its own bias; none: no Add). The summed bias is
+    computed once, in float32, and stored in the weights' dtype (Llama ``attention_bias`` / ``mlp_bias``).
 
     When ``a`` and ``b`` are consecutive last-axis outputs of one ``Split`` (the wide attention's per-branch
     context), ``concat(a, b)`` is that Split's input (or a Slice of it) — no Concat remains.
 
-    Must not fire when: a MatMul result or the inner sum has another use (it would have to be kept, so
-    nothing is saved — this is what keeps a plain model's residual stream ``(x + attn) + mlp`` untouched);
-    a weight is not a rank-2 initializer used only here; N or dtypes differ; ``a`` or ``b`` is not rank-3+
-    on the same leading dims (checked through shapes when known).
+    Must not fire when: a MatMul result, a biased projection or the inner sum has another use (it would have
+    to be kept, so nothing is saved — this is what keeps a plain model's residual stream ``(x + attn) + mlp``
+    untouched); a weight is not a rank-2 initializer used only here; a bias is not a rank-1 initializer of
+    length N used only here (then the projection is not matched at all); N or dtypes differ; ``a`` or ``b``
+    is not rank-3+ on the same leading dims (checked through shapes when known).
 
-    Invariant: same function up to the order of the fp32 sum; parameter count unchanged (weights are
-    stacked lazily). Fires once per merged sum.
+    Invariant: same function up to the order of the fp32 sum (and, with two biases, one rounding of
+    ``ba + bb`` in the weights' dtype); the parameter count drops by exactly N per merged pair of biases
+    (``summed_bias_parameters``), weights are stacked lazily. Fires once per merged sum.
     """
 
     name = "merge_reducing_matmuls"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.summed_bias_parameters = 0
+
     def rewrite(self, graph: ir.Graph) -> None:
+        self.summed_bias_parameters = 0
         for add in list(graph):
             if add.graph is graph and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
                 self._try(graph, add)
 
-    def _proj(self, graph: ir.Graph, v: ir.Value | None) -> ir.Node | None:
+    def _proj(self, graph: ir.Graph, v: ir.Value | None) -> _Proj | None:
+        """``v = x @ W`` or ``v = x @ W + b``, every intermediate single-use, else None."""
+        if v is None or len(v.uses()) != 1 or v.is_graph_output():
+            return None
+        bias_add = producer(v, "Add")
+        bias: ir.Value | None = None
+        if bias_add is not None:
+            for y, b in ((bias_add.inputs[0], bias_add.inputs[1]), (bias_add.inputs[1], bias_add.inputs[0])):
+                if producer(y, "MatMul") is not None and is_weight(b, graph, rank=1) and b is not None:
+                    v, bias = y, b
+                    break
+            if bias is None or v is None or len(bias.uses()) != 1 or len(v.uses()) != 1 or v.is_graph_output():
+                return None
         mm = producer(v, "MatMul")
-        if mm is None or v is None or len(v.uses()) != 1 or v.is_graph_output():
+        if mm is None:
             return None
         w = mm.inputs[1]
         if not is_weight(w, graph, rank=2) or w is None or len(w.uses()) != 1:
             return None
-        return mm
+        assert w.const_value is not None  # is_weight
+        if bias is not None:
+            assert bias.const_value is not None  # is_weight
+            bt = bias.const_value
+            if tshape(bt) != (tshape(w.const_value)[1],) or bt.dtype != w.const_value.dtype:
+                return None
+        return _Proj(mm, w.const_value, bias_add if bias is not None else None, bias)
 
     def _try(self, graph: ir.Graph, outer: ir.Node) -> None:
         lhs, rhs = outer.inputs[0], outer.inputs[1]
         for p, q in ((lhs, rhs), (rhs, lhs)):
-            mm_b = self._proj(graph, q)
-            if mm_b is None:
+            pb = self._proj(graph, q)
+            if pb is None:
                 continue
-            mm_a = self._proj(graph, p)
+            pa = self._proj(graph, p)
             inner: ir.Node | None = None
             residual: ir.Value | None = None
-            if mm_a is None:
+            if pa is None:
                 inner = producer(p, "Add")
                 if inner is None or p is None or len(p.uses()) != 1 or p.is_graph_output():
                     continue
                 for r, m in ((inner.inputs[0], inner.inputs[1]), (inner.inputs[1], inner.inputs[0])):
-                    mm_a = self._proj(graph, m)
-                    if mm_a is not None:
+                    pa = self._proj(graph, m)
+                    if pa is not None:
                         residual = r
                         break
-                if mm_a is None:
+                if pa is None:
                     continue
-            if self._merge(graph, outer, mm_a, mm_b, inner, residual):
+            if self._merge(graph, outer, pa, pb, inner, residual):
                 return
 
     def _merge(
         self,
         graph: ir.Graph,
         outer: ir.Node,
-        mm_a: ir.Node,
-        mm_b: ir.Node,
+        pa: _Proj,
+        pb: _Proj,
         inner: ir.Node | None,
         residual: ir.Value | None,
     ) -> bool:
-        wa, wb = mm_a.inputs[1], mm_b.inputs[1]
-        a, b = mm_a.inputs[0], mm_b.inputs[0]
-        assert wa is not None and wb is not None and wa.const_value is not None and wb.const_value is not None
-        ta, tb = wa.const_value, wb.const_value
+        ta, tb = pa.weight, pb.weight
+        a, b = pa.matmul.inputs[0], pb.matmul.inputs[0]
         if a is None or b is None or ta.shape[1] != tb.shape[1] or ta.dtype != tb.dtype or a is b:
             return False
         tag = f"lp_red_{outer.outputs[0].name}"
@@ -102,24 +149,26 @@ class MergeReducingMatMulsPass(CountingPass):
         if joint is None:
             new_nodes.append(node("Concat", [a, b], f"{tag}/concat", axis=-1))
             joint = new_nodes[-1].outputs[0]
+        n_out = tshape(ta)[1]
         w = lazy_initializer(
-            graph,
-            f"{tag}.weight",
-            partial(_stack, ta, tb),
-            ta.dtype,
-            (tshape(ta)[0] + tshape(tb)[0], tshape(ta)[1]),
+            graph, f"{tag}.weight", partial(_stack, ta, tb), ta.dtype, (tshape(ta)[0] + tshape(tb)[0], n_out)
         )
         new_nodes.append(node("MatMul", [joint, w], f"{tag}/matmul"))
         y = new_nodes[-1].outputs[0]
+        biases = [p.bias_tensor for p in (pa, pb) if p.bias_tensor is not None]
+        if biases:
+            bias = lazy_initializer(graph, f"{tag}.bias", partial(_sum, biases), ta.dtype, (n_out,))
+            new_nodes.append(node("Add", [y, bias], f"{tag}/bias"))
+            y = new_nodes[-1].outputs[0]
+            self.summed_bias_parameters += n_out * (len(biases) - 1)
         if residual is not None:
             new_nodes.append(node("Add", [residual, y], f"{tag}/residual"))
             y = new_nodes[-1].outputs[0]
         graph.extend(new_nodes)
         replace_value(graph, outer.outputs[0], y)
         split = producer(a, "Split")  # dead when the MatMul now reads the tensor it split
-        remove_if_dead(
-            graph, [outer] + ([inner] if inner is not None else []) + [mm_a, mm_b] + ([split] if split else [])
-        )
+        old = [outer] + ([inner] if inner is not None else []) + [n for p in (pa, pb) for n in p.nodes]
+        remove_if_dead(graph, old + ([split] if split else []))
         self.fired += 1
         return True
 
@@ -149,3 +198,9 @@ class MergeReducingMatMulsPass(CountingPass):
 
 def _stack(ta: ir.TensorProtocol, tb: ir.TensorProtocol) -> np.ndarray:
     return np.concatenate([ta.numpy(), tb.numpy()], axis=0)  # [Ka+Kb, N]
+
+
+def _sum(biases: list[ir.TensorProtocol]) -> np.ndarray:
+    """``ba + bb`` rounded once into the biases' dtype (summed in float32)."""
+    arrays = [t.numpy() for t in biases]
+    return np.sum([a.astype(np.float32) for a in arrays], axis=0).astype(arrays[0].dtype)

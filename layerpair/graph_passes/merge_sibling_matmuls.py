@@ -53,13 +53,19 @@ class MergeSiblingMatMulsPass(CountingPass):
 
     Siblings whose outputs are exactly the inputs of one last-axis ``Concat`` are laid out next to each
     other in the Concat's order and the Concat's output is read straight from the split (so a wide q, k or v
-    built by the attention merge costs nothing). Biases are merged only when every sibling has one.
+    built by the attention merge costs nothing). Biases (Qwen2 and Llama ``attention_bias`` q/k/v, Llama
+    ``mlp_bias`` gate/up) are concatenated in the same order when every sibling has one; when only some do,
+    the MatMuls still merge and each bias ``Add`` stays on its own piece of the split (no zero bias is
+    invented: that would change the parameter count). A bias is a sibling's own only if it is a rank-1
+    initializer of width ``N_j`` read by that one ``Add`` alone.
 
     Must not fire when: fewer than two siblings; a weight is not a rank-2 initializer, is used elsewhere,
-    or differs in K or dtype; the activation is outside ``scope`` (value names; None = everywhere).
+    or differs in K or dtype; a sibling's output is a graph output; the activation is outside ``scope``
+    (value names; None = everywhere).
 
-    Invariant: same function, bit-exact per output column; parameter count unchanged (weights are
-    concatenated lazily, never duplicated). Fires once per merged group.
+    Invariant: same function, per output column the same dot products (each bias element is added to its
+    own column); parameter count unchanged (weights and biases are concatenated lazily, never duplicated).
+    Fires once per merged group.
     """
 
     name = "merge_sibling_matmuls"

@@ -121,3 +121,61 @@ def test_reducing_matmuls_must_not_fire_when_the_partial_sum_is_used() -> None:
     p = MergeReducingMatMulsPass()
     p(m)
     assert p.fired == 0 and ops(m)["MatMul"] == 2
+
+
+def _biased_reducing(biases: str, residual: bool = True, bias_shared: bool = False) -> GraphBuilder:
+    """``(r + (a @ Wa + ba)) + (b @ Wb + bb)`` (Llama attention_bias / mlp_bias): ``biases`` in "ab", "a", "b"."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 8])
+    r = g.input("r", [2, 3, 6])
+    a, b = g.op("Relu", [x]), g.op("Sigmoid", [x])
+    shared = g.init(rand(6) + 1.0) if bias_shared else ""
+    projections = []
+    for name, src in (("a", a), ("b", b)):
+        y = g.op("MatMul", [src, g.init(rand(8, 6))])
+        if name in biases:  # bias first on one side: the pass must accept either operand order
+            bias = shared if bias_shared else g.init(rand(6) + 1.0)
+            y = g.op("Add", [y, bias] if name == "a" else [bias, y])
+        projections.append(y)
+    inner = g.op("Add", [r, projections[0]]) if residual else projections[0]
+    g.op("Add", [inner, projections[1]], out="out")
+    g.output("out")
+    if bias_shared:
+        g.output(g.op("Add", [r, shared], out="side"))
+    return g
+
+
+@pytest.mark.parametrize("biases", ["ab", "a", "b"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_reducing_matmuls_fire_with_biases(biases: str, residual: bool) -> None:
+    """One MatMul and one bias ``ba + bb`` (a missing bias counts as zero); parameters drop by N per summed pair."""
+    m = _biased_reducing(biases, residual).model()
+    feeds = {"x": X, "r": rand(2, 3, 6)}
+    before, params = run(m, feeds), float_param_count(m.graph)
+    p = MergeReducingMatMulsPass()
+    p(m)
+    assert p.fired == 1
+    assert ops(m) == {"MatMul": 1, "Add": 2 if residual else 1, "Concat": 1, "Relu": 1, "Sigmoid": 1}
+    summed = 6 if biases == "ab" else 0
+    assert p.summed_bias_parameters == summed and float_param_count(m.graph) == params - summed
+    check(m)
+    _assert_same(before, run(m, feeds), atol=1e-5)
+
+
+def test_reducing_matmuls_must_not_fire_on_a_shared_bias() -> None:
+    """A bias read elsewhere too is not a projection's own bias: summing it in would change the other use."""
+    m = _biased_reducing("ab", bias_shared=True).model()
+    p = MergeReducingMatMulsPass()
+    p(m)
+    assert p.fired == 0 and ops(m)["MatMul"] == 2
+
+
+def test_reducing_matmuls_must_not_fire_on_a_biased_residual_stream() -> None:
+    """A plain model's ``(x + (attn + bo)) + (mlp + bd)``: the partial sum feeds the MLP's norm."""
+    g = _biased_reducing("ab")
+    inner = next(n for n in g.nodes if n.op_type == "Add" and n.input[0] == "r").output[0]
+    g.output(g.op("Relu", [inner], out="side"))
+    m = g.model()
+    p = MergeReducingMatMulsPass()
+    p(m)
+    assert p.fired == 0 and ops(m)["MatMul"] == 2
