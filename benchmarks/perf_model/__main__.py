@@ -83,7 +83,16 @@ def load_models(a: argparse.Namespace, say: Callable[[str], None]) -> tuple[dict
             "dir": str(d),
             "report": {
                 k: json.loads((d / "report.json").read_text()).get(k)
-                for k in ("pairs", "num_layers", "depth", "nodes_before", "nodes_after")
+                for k in (
+                    "pairs",
+                    "num_layers",
+                    "depth",
+                    "nodes_before",
+                    "nodes_after",
+                    "onnx",
+                    "versions",
+                    "timings_s",
+                )
             },
         }
     gpath, ginfo = genai_model(a.work, a.checkpoint_dir, a.genai_venv, say)
