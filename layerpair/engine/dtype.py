@@ -273,7 +273,7 @@ class TypedExport:
             ours = TypedTorchRunner(self.decoder, "bfloat16")
             spec = type(spec).for_model(self.decoder.arch, self.decoder.pairs, dtype="float32")
         else:
-            ours = OrtRunner(onnx_path, spec)
+            ours = OrtRunner(onnx_path, spec, prepack=False)
         return compare_runners(ours, spec, reference, ref_spec, tokenizer)  # type: ignore[arg-type]
 
 

@@ -46,15 +46,13 @@ _IR_DTYPES = {
 }
 
 
-def _lazy_weight(t: torch.Tensor, name: str, transpose: bool = False) -> ir.LazyTensor:
-    """A tensor that reads ``t`` (or its transpose) only when serialised: never a second resident copy."""
-    shape = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
+def _lazy_weight(t: torch.Tensor, name: str) -> ir.LazyTensor:
+    """A tensor that reads ``t`` only when serialised: never a second resident copy of the model."""
 
     def read() -> ir.TensorProtocol:
-        src = t.detach()
-        return TorchTensor((src.t() if transpose else src).contiguous(), name=name)
+        return TorchTensor(t.detach().contiguous(), name=name)
 
-    return ir.LazyTensor(read, dtype=_IR_DTYPES[t.dtype], shape=ir.Shape(shape), name=name)
+    return ir.LazyTensor(read, dtype=_IR_DTYPES[t.dtype], shape=ir.Shape(tuple(t.shape)), name=name)
 
 
 class _GraphWriter:
@@ -95,8 +93,8 @@ class _GraphWriter:
             self._consts[key] = self.init(unique, ir.Tensor(array, name=unique))
         return self._consts[key]
 
-    def weight(self, name: str, t: torch.Tensor, transpose: bool = False) -> ir.Value:
-        return self.init(name, _lazy_weight(t, name, transpose))
+    def weight(self, name: str, t: torch.Tensor) -> ir.Value:
+        return self.init(name, _lazy_weight(t, name))
 
     def cast(self, x: ir.Value, to: ir.DataType) -> ir.Value:
         """Cast only in 16-bit graphs (an fp32 graph has no identity casts, like the dynamo export)."""
@@ -251,6 +249,17 @@ def block(
     return x
 
 
+def lm_head(w: _GraphWriter, dec: Decoder, x_BSh: ir.Value, embed_Vh: ir.Value) -> ir.Value:
+    """Logits [B,S,V]. Tied embeddings read the embedding table itself, ``Gemm(x, E, transB=1)`` on [B*S, h]
+    rows: no transposed copy of a [V,h] table (1 GB for Llama-3.2-1B) on disk or in a runtime's memory."""
+    if dec.lm_head is not None:
+        return w.op("MatMul", [x_BSh, w.weight("lm_head", dec.lm_head)])
+    rows = w.op("Reshape", [x_BSh, w.ints("rows", [-1, dec.arch.hidden_size])])
+    logits_NV = w.op("Gemm", [rows, embed_Vh], transB=1)
+    shape_BSV = w.op("Concat", [w.op("Shape", [x_BSh], start=0, end=2), w.ints("vocab", [dec.arch.vocab_size])], axis=0)
+    return w.op("Reshape", [logits_NV, shape_BSV])
+
+
 _SPEC_DTYPES = {
     "float32": ir.DataType.FLOAT,
     "float16": ir.DataType.FLOAT16,
@@ -273,19 +282,15 @@ def build_graph(dec: Decoder, spec: IOSpec, opset: int) -> ir.Model:
     cos, sin = cos_sin(w, dec, position_ids)
     sh = _Shared(cos, sin, masks(w, dec, ids, attention_mask))
     w.scope = "/embed"
-    x = w.op("Gather", [w.weight("embed_tokens", dec.embed_tokens), ids], axis=0)
+    embed = w.weight("embed_tokens", dec.embed_tokens)
+    x = w.op("Gather", [embed, ids], axis=0)
     presents: dict[int, tuple[ir.Value, ir.Value]] = {}
     layers: Any = dec.layers
     for blk in dec.blocks:
         x = block(w, dec, [layers[i] for i in blk], x, sh, past, presents)
     w.scope = "/head"
     x = rmsnorm(w, x, dec.norm.weight, dec.arch.rms_norm_eps, "norm.weight")
-    head = (
-        w.weight("lm_head", dec.embed_tokens, transpose=True)
-        if dec.lm_head is None
-        else w.weight("lm_head", dec.lm_head)
-    )
-    logits = w.cast(w.op("MatMul", [x, head]), ir.DataType.FLOAT)
+    logits = w.cast(lm_head(w, dec, x, embed), ir.DataType.FLOAT)
     outputs = _name_outputs(w, spec, logits, presents)
     graph = ir.Graph(
         inputs, outputs, nodes=w.nodes, initializers=w.initializers, opset_imports={"": opset}, name="layerpair"
