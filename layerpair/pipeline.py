@@ -156,6 +156,11 @@ def run_export(
         merge_info: dict[str, Any] = {"merged": False}
         if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
             with meter("merge"):
+                from layerpair.exporter.precision import record_unmerged  # 16-bit: merged held to unmerged
+
+                typed_check = record_unmerged(
+                    tmp / "model.onnx", spec, ckpt.arch.num_parameters(), reference, ref_spec, ckpt.tokenizer, progress
+                )
                 progress("merging each pair into one wide layer (graph passes)")
                 spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
                 onnx_info.update(merge_info.pop("onnx"))
@@ -164,6 +169,7 @@ def run_export(
                 merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
                 fix = "nothing was written; export with --no-merge and report this model and flags as a bug"
                 agreement = validate(tmp / "model.onnx", spec, "merged ONNX", fix)
+                merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
         if ckpt.tokenizer is not None:
             ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         report = _report(opts, ckpt, pairs, typed, onnx_info, spec, agreement, merge_info)

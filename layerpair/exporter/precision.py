@@ -1,0 +1,198 @@
+"""Typed graphs are executed: the 16-bit merged graph is held to the 16-bit unmerged graph it came from.
+
+The merged graph is validated against the fp32 PyTorch reference like every graph, but for ``--dtype fp16`` and
+``bf16`` that check is normwise at 2e-2 / 8e-2 (``engine/dtype.py``): wide enough for a merge bug to hide under
+16-bit rounding. So the stage also compares the merged graph with the *unmerged* graph of the same dtype, on
+the same validation cases (prefill, decode, chunked, padded). Both graphs round every activation the same way
+except where the passes changed the arithmetic:
+
+* ``fold_norm_scales``: ``(g * n) @ W`` becomes ``n @ (diag(g) W)``: one rounding of each folded weight to the
+  dtype instead of one rounding of ``g * n`` per activation;
+* ``merge_reducing_matmuls``: the order of the sum ``r + a@Wa + b@Wb`` and, with biases, ``ba + bb`` rounded
+  once;
+* the wide MatMuls and the attention over 2·KVH heads compute the same dot products in another layout (the
+  accumulation order of a kernel may differ with the width).
+
+Each change moves a value by about one unit roundoff ``u`` of the dtype (fp16 ``u = 2^-11 = 4.9e-4``, bf16
+``2^-8 = 3.9e-3``) relative to its magnitude, a few times per pair, and the difference then passes through the
+remaining layers as rounding noise does. The tolerance (``MERGE_TOLERANCE``) is ``8 u`` normwise: logits
+relative to the unmerged graph's largest logit, caches relative to its largest cached value. Measured on the
+tiny test models of all four families (biased Llama too): fp16 at most 7.8e-4 (1.6 u), bf16 at most 9.9e-3
+(2.5 u), so 8 u leaves a 3-5x margin for deeper models. It is 5x (fp16) and 2.5x (bf16) tighter than the dtype
+tolerance against fp32, and far below what a merge bug does (a wrong head order, a dropped or doubled bias or
+norm scale moves activations by O(1) of their size). ``tests/exporter/test_precision.py``: one branch's
+down-projection weights scaled by 1.05 in the merged fp16 graph pass the fp32-reference check (2e-2) and fail
+this one.
+
+Where each graph runs: ONNX Runtime (CPU) for fp16. ONNX Runtime's CPU provider has no bf16 kernels, so a bf16
+graph runs on ONNX's reference evaluator (``onnx.reference``, numpy with ml_dtypes' bfloat16) — real bf16
+arithmetic, but pure Python: only models up to ``EVALUATOR_MAX_PARAMETERS`` parameters (tiny test models).
+Above that the report and console say plainly that the bf16 graph was not executed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerpair.errors import ValidationError
+from layerpair.exporter.validate import (
+    Agreement,
+    OrtRunner,
+    RecordedRunner,
+    Runner,
+    compare_runners,
+    record_reference,
+)
+from layerpair.iospec import IOSpec
+
+#: Unit roundoff of each 16-bit dtype (half the gap between 1 and the next representable number).
+UNIT_ROUNDOFF: dict[str, float] = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+#: Merged vs unmerged graph of the same dtype, normwise (see the module docstring): 8 unit roundoffs.
+MERGE_TOLERANCE: dict[str, float] = {k: 8 * u for k, u in UNIT_ROUNDOFF.items()}
+#: The reference evaluator runs every op in numpy, one Python call per node: fine for tiny models only.
+EVALUATOR_MAX_PARAMETERS = 5_000_000
+Progress = Callable[[str], None]
+
+
+class EvaluatorRunner(Runner):
+    """A graph on ``onnx.reference.ReferenceEvaluator`` behind validate.py's Runner contract (bf16 included)."""
+
+    def __init__(self, path: Path | str, spec: IOSpec) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        self.session = ReferenceEvaluator(str(path))
+        self.spec = spec
+
+    def step(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = dict(zip(self.spec.input_names, [ids, mask, pos, *past], strict=True))
+        out: list[Any] = list(self.session.run(self.spec.output_names, feeds))
+        return np.asarray(out[0], np.float32), [np.asarray(t) for t in out[1:]]
+
+
+def graph_runner(path: Path, spec: IOSpec, parameters: int) -> tuple[Runner | None, str]:
+    """A runner that executes the graph at ``path`` in its own dtype, and its name; (None, why) when none can."""
+    if spec.dtype != "bfloat16":
+        return OrtRunner(path, spec), "onnxruntime"
+    if parameters <= EVALUATOR_MAX_PARAMETERS:
+        return EvaluatorRunner(path, spec), "onnx.reference"
+    why = (
+        f"the bf16 ONNX graph was NOT executed: ONNX Runtime's CPU provider has no bf16 kernels and the model's "
+        f"{parameters / 1e6:.0f}M parameters are beyond ONNX's reference evaluator (<= "
+        f"{EVALUATOR_MAX_PARAMETERS / 1e6:.0f}M); the merge was checked by its structure only"
+    )
+    return None, why
+
+
+def typed_failures(res: dict[str, Agreement], dtype: str, ref_cache_max: float) -> list[str]:
+    """Cases where the merged graph is beyond ``MERGE_TOLERANCE[dtype]`` of the unmerged one (NaN fails)."""
+    rel = MERGE_TOLERANCE[dtype]
+    bad = []
+    for name, a in res.items():
+        if not a.max_rel <= rel:
+            bad.append(f"{name}: logits max_rel {a.max_rel:.3g} > {rel:.3g} at {a.max_abs_at or 'unknown'}")
+        cache_rel = a.present_max_abs / max(ref_cache_max, 1e-30)
+        if not cache_rel <= rel:
+            where = a.present_max_abs_at or "unknown"
+            bad.append(f"{name}: KV cache max_abs/max|unmerged| {cache_rel:.3g} > {rel:.3g} at {where}")
+    return bad
+
+
+@dataclass
+class TypedMergeCheck:
+    """The unmerged typed graph's outputs, recorded before the merge (``record_unmerged``); ``compare`` holds
+    the merged graph to them after it."""
+
+    dtype: str
+    parameters: int
+    tokenizer: Any = field(default=None, repr=False)
+    runtime: str = ""  # "onnxruntime" | "onnx.reference"; empty when the graph was not executed
+    unmerged: RecordedRunner | None = None
+    unmerged_spec: IOSpec | None = None
+    report: dict[str, Any] = field(default_factory=dict)  # executed, runtime, reason / vs_fp32_reference
+
+    def compare(self, merged_path: Path, merged_spec: IOSpec, say: Progress) -> dict[str, Any]:
+        """The report entry ``{"typed_merge_check": ...}``; raises ValidationError beyond ``MERGE_TOLERANCE``.
+        Empty for fp32 (there the merged graph is held to the fp32 reference at ``--atol`` already)."""
+        if self.dtype == "float32":
+            return {}
+        if self.unmerged is None or self.unmerged_spec is None:
+            return {"typed_merge_check": self.report}
+        runner, _ = graph_runner(merged_path, merged_spec, self.parameters)
+        if runner is None:
+            raise RuntimeError("the unmerged graph was executed, so the merged one can be")
+        res = compare_runners(runner, merged_spec, self.unmerged, self.unmerged_spec, self.tokenizer)
+        say(f"merged vs unmerged {self.dtype} graph ({self.runtime}): " + _summary(res))
+        bad = typed_failures(res, self.dtype, self.unmerged.cache_max())
+        if bad:
+            raise ValidationError(
+                f"merged {self.dtype} graph disagrees with the unmerged {self.dtype} graph ({self.runtime}): "
+                + "; ".join(bad),
+                "nothing was written; a merge pass changed the function: export with --no-merge and report it",
+            )
+        rel = MERGE_TOLERANCE[self.dtype]
+        self.report.update(
+            against=f"the unmerged {self.dtype} graph",
+            tolerance={"logits_max_rel": rel, "present_max_abs_over_max_ref": rel},
+            agreement={k: a.to_json() for k, a in res.items()},
+        )
+        return {"typed_merge_check": self.report}
+
+
+def record_unmerged(
+    path: Path,
+    spec: IOSpec,
+    parameters: int,
+    reference: RecordedRunner,
+    ref_spec: IOSpec,
+    tokenizer: Any,
+    say: Progress,
+) -> TypedMergeCheck:
+    """Run the unmerged typed graph at ``path`` once through the validation cases and keep its outputs (its
+    session is released on return, before the merge loads the graph). fp32: nothing to do.
+
+    bf16 on the reference evaluator: the graph is first compared with ``reference`` (the recorded fp32 PyTorch
+    model) at the bf16 tolerance of ``engine/dtype.py`` (ValidationError beyond it) — the validate stage could
+    not run the graph and had the bf16 PyTorch decoder stand in for it."""
+    check = TypedMergeCheck(spec.dtype, parameters, tokenizer)
+    if spec.dtype == "float32":
+        return check
+    runner, runtime = graph_runner(path, spec, parameters)
+    if runner is None:
+        check.report = {"dtype": spec.dtype, "executed": False, "reason": runtime}
+        say(runtime)
+        return check
+    check.report = {"dtype": spec.dtype, "executed": True, "runtime": runtime}
+    if spec.dtype == "bfloat16":
+        check.report["vs_fp32_reference"] = _bf16_vs_fp32(runner, spec, reference, ref_spec, tokenizer, say)
+    say(f"{spec.dtype}: recording the unmerged graph on {runtime} (the merged graph is held to it)")
+    check.runtime, check.unmerged_spec = runtime, spec
+    check.unmerged = record_reference(runner, spec, tokenizer)
+    return check
+
+
+def _bf16_vs_fp32(
+    runner: Runner, spec: IOSpec, reference: RecordedRunner, ref_spec: IOSpec, tokenizer: Any, say: Progress
+) -> dict[str, Any]:
+    from layerpair.engine.dtype import DTYPE_TOLERANCE, within_dtype_tolerance
+
+    say("bf16: running the unmerged bf16 ONNX graph on onnx.reference against the fp32 PyTorch reference")
+    res = compare_runners(runner, spec, reference, ref_spec, tokenizer)
+    bad = within_dtype_tolerance(res, "bfloat16", reference.cache_max(), 0.0)
+    if bad:
+        raise ValidationError(
+            f"bf16 ONNX graph (onnx.reference) disagrees with PyTorch beyond {DTYPE_TOLERANCE['bfloat16']:g}: "
+            + "; ".join(bad),
+            "nothing was written; report this model and flags as a bug (or export fp16/fp32)",
+        )
+    return {k: a.to_json() for k, a in res.items()}
+
+
+def _summary(res: dict[str, Agreement]) -> str:
+    return "  ".join(f"{k}: max_rel {a.max_rel:.2e} top1 {a.top1:.3f}" for k, a in res.items())
