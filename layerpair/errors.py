@@ -3,6 +3,10 @@ the fix. The CLI prints ``error: <message>`` and exits with ``exit_code``; nothi
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class LayerpairError(Exception):
     """Base class: ``problem`` and ``fix`` are joined into the one-line message the CLI prints."""
@@ -47,3 +51,20 @@ class ValidationError(LayerpairError):
 
 class MissingDependencyError(LayerpairError):
     """An optional package (TensorRT, tritonclient, ...) needed for the requested step is not installed."""
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextmanager
+def disk_full_as_output_error(what: str) -> Iterator[None]:
+    """A full disk (or quota, or file-size limit) while writing ``what`` becomes one OutputError line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise OutputError(
+            f"no space left while writing {what} ({e.strerror})",
+            "free disk space or choose another -o (an fp32 export needs ~4 bytes per parameter, twice while merging)",
+        ) from None

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from layerpair.errors import InputError
+from layerpair.errors import InputError, disk_full_as_output_error
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_graph import build_graph
 from layerpair.iospec import IOSpec
@@ -38,7 +38,8 @@ def save_model(
     """Write ``model`` to ``path`` (weights to ``<name>.data`` when ``external_data``), one tensor at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not external_data:
-        ir.save(model, str(path))
+        with disk_full_as_output_error(str(path)):
+            ir.save(model, str(path))
         return
     total = len(model.graph.initializers)
 
@@ -46,7 +47,8 @@ def save_model(
         if progress is not None:
             progress(info.index + 1, total)
 
-    ir.save(model, str(path), external_data=path.name + ".data", callback=callback)
+    with disk_full_as_output_error(f"{path} and its weights ({path.name}.data)"):
+        ir.save(model, str(path), external_data=path.name + ".data", callback=callback)
 
 
 def export_onnx(

@@ -7,7 +7,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from layerpair.graph_passes.base import CountingPass
+from layerpair.graph_passes.base import CountingPass, float_param_count
 
 
 class CleanupPass(CountingPass):
@@ -30,12 +30,15 @@ class CleanupPass(CountingPass):
         self.dedup_limit = dedup_limit
         self.fold_limit = fold_limit
         self.infer_shapes = infer_shapes
+        self.deduplicated_parameters = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = model.graph
         before = len(g) + len(g.initializers)
         common.RemoveUnusedNodesPass()(model)
+        n = float_param_count(g)
         common.DeduplicateInitializersPass(size_limit=self.dedup_limit)(model)
+        self.deduplicated_parameters = n - float_param_count(g)  # kept once, read by every former user
         try:
             from onnxscript.optimizer import fold_constants
 

@@ -95,16 +95,25 @@ def merge_pairs(
 
 
 def _check_parameters(before: int, after: int, passes: Sequence[CountingPass]) -> dict[str, Any]:
-    """Parameters are only moved, except the norm scales folded into weights and the biases summed into one."""
+    """Parameters are only moved, except the norm scales folded into weights, the biases summed into one, and
+    identical small initializers the cleanup keeps once (e.g. the all-ones norm scales of a fresh checkpoint)."""
     folded = sum(p.folded_parameters for p in passes if isinstance(p, FoldNormScalesPass))
     summed = sum(p.summed_bias_parameters for p in passes if isinstance(p, MergeReducingMatMulsPass))
-    if before != after + folded + summed:
+    dedup = sum(p.deduplicated_parameters for p in passes if isinstance(p, CleanupPass))
+    if before != after + folded + summed + dedup:
         raise GraphPassError(
-            f"parameter count changed from {before} to {after} (+{folded} folded, +{summed} biases summed) "
-            "while merging",
+            f"parameter count changed from {before} to {after} (+{folded} folded, +{summed} biases summed, "
+            f"+{dedup} deduplicated) while merging",
             "report this model as a bug, or export with --no-merge",
         )
-    return {"before": before, "after": after, "folded_norm_scales": folded, "summed_biases": summed, "equal": True}
+    return {
+        "before": before,
+        "after": after,
+        "folded_norm_scales": folded,
+        "summed_biases": summed,
+        "deduplicated": dedup,
+        "equal": True,
+    }
 
 
 def pair_results(

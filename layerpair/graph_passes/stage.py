@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from layerpair.arch import ArchSpec
+from layerpair.errors import disk_full_as_output_error
 from layerpair.graph_passes.merge import count_ops, merge_pairs, save_model
 from layerpair.iospec import IOSpec
 
@@ -27,7 +28,8 @@ def merged_onnx_from_onnx(
     model, rep = merge_pairs(path, arch, pairs)
     staging = path.parent / ".merged"
     staging.mkdir(exist_ok=True)
-    save_model(model, staging / path.name, external_data=external)
+    with disk_full_as_output_error(f"the merged model in {staging}"):
+        save_model(model, staging / path.name, external_data=external)
     nodes, matmuls = len(model.graph), count_ops(model.graph, "MatMul")
     del model  # releases the lazily read sources before the files move
     for f in (path, data):

@@ -124,3 +124,94 @@ def test_validation_failure_writes_nothing(
 
 def test_bad_atol(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     _fails(capsys, ["smollm2-135m", "-o", str(tmp_path / "out"), "--atol", "-1"], 2, "--atol")
+
+
+def _tiny_dir(tmp_path: Path, **kw: object) -> Path:
+    from tests.conftest import tiny_model
+
+    d = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(d, **kw)
+    return d
+
+
+def test_truncated_safetensors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    d = _tiny_dir(tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    _fails(capsys, [str(d), "-o", str(tmp_path / "out")], 2, "model.safetensors", "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_shard(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    d = _tiny_dir(tmp_path, max_shard_size="50KB")
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (d / "model.safetensors.index.json").is_file()
+    shards[1].unlink()
+    _fails(capsys, [str(d), "-o", str(tmp_path / "out")], 2, "shard", shards[1].name)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_weight_is_an_input_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """One NaN in one weight: named at load, exit 2, nothing written (it used to export with max_abs 0)."""
+    import torch
+
+    from tests.conftest import tiny_model
+
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.model.layers[3].self_attn.o_proj.weight[5, 7] = float("nan")
+    m.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    _fails(capsys, [str(tmp_path / "ckpt"), "-o", str(out)], 2, "model.layers.3.self_attn.o_proj.weight", "non-finite")
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_gguf_tensor_count_disagrees(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A GGUF whose header promises more tensors than the file holds."""
+    import gguf
+    import numpy as np
+
+    f = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(f), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    raw = bytearray(f.read_bytes())
+    raw[8:16] = (5).to_bytes(8, "little")  # header: magic, version, tensor count (uint64)
+    f.write_bytes(bytes(raw))
+    _fails(capsys, [str(f), "-o", str(tmp_path / "out")], 2, "bad.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_while_writing_weights(tmp_path: Path) -> None:
+    """Writing model.onnx.data past a file-size limit (EFBIG, as a full disk gives ENOSPC): one error line, exit 2,
+    no output and no temporary directory left."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    d = _tiny_dir(tmp_path)
+    out = tmp_path / "out"
+    limit = 64 * 1024  # the tiny model's weights are ~400 KB
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "layerpair.cli", str(d), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=300,
+    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: no space left while writing"), r.stderr[-2000:]
+    assert "model.onnx.data" in last and " — " in last
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
