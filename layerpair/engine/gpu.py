@@ -4,18 +4,23 @@
   ``Generator`` drive it exactly as they drive ONNX Runtime), switching between the decode and prefill
   profiles by step shape.
 * ``engine_vs_ort`` — Polygraphy ``Comparator`` over TrtRunner and OnnxrtRunner, per output, on a prefill
-  feed (prefill profile) and a decode feed (decode profile).
+  feed (prefill profile) and a decode feed (decode profile). ONNX Runtime runs on its CUDA provider when that
+  is installed (``ort_providers``), else on the CPU; each case records which.
 * ``engine_vs_torch`` — against the *original* fp32 PyTorch model: ``compare_runners`` agreement, then a
   greedy generation of ``n_tokens`` by PyTorch, replayed teacher-forced through the engine: top-1 agreement
   and mean KL per position, plus how many free-running greedy tokens match before the first divergence.
+* ``engine_failures`` — the documented thresholds (``ENGINE_THRESHOLDS``) both checks must meet; the engine
+  stage fails the command with them (ValidationError, exit 3, nothing written).
 * ``throughput`` — prefill and decode tokens/s with CUDA events (torch.cuda), warm-up, median of repeats;
   ``throughput_pair`` times the original-model and LP engines in the same process, same profile.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,76 @@ from layerpair.engine.runtime import Generator, mean_kl, top1_agreement
 from layerpair.errors import MissingDependencyError
 from layerpair.exporter.validate import Runner, TorchRunner, compare_runners, empty_past
 from layerpair.iospec import IOSpec
+
+
+@dataclass(frozen=True)
+class EngineThresholds:
+    """What an engine must meet on a GPU, or the export fails (exit 3, nothing written).
+
+    * ``ort_atol`` / ``ort_rtol``: every output of the engine vs ONNX Runtime on the same graph and feeds
+      (Polygraphy's simple compare: an element fails when beyond both). Same graph, so only kernel
+      differences: fp32 1e-3 (TensorRT may run fp32 MatMuls in TF32, 10-bit significand), 16-bit 5e-2.
+    * ``torch_rel``: engine vs the original fp32 PyTorch model on every validation case, normwise — logits'
+      max_abs over the reference's largest |logit|, caches' over its largest |K|,|V| — the dtype tolerance
+      of ``engine/dtype.py`` (fp16 2e-2, bf16 8e-2); fp32 2e-2 as well, because of TF32.
+    * ``min_top1`` / ``max_kl``: over ``n_tokens`` greedy tokens of PyTorch replayed teacher-forced through
+      the engine: top-1 agreement at least, mean KL(PyTorch || engine) per position at most. Near-ties may
+      flip a few tokens, so top-1 is not 1.0; a broken engine drops far below.
+
+    Not yet measured on a GPU in this project (none was available): they are the figures ``tests/engine/
+    test_gpu.py`` asserts; a NaN or inf anywhere fails.
+    """
+
+    ort_atol: float
+    ort_rtol: float
+    torch_rel: float
+    min_top1: float
+    max_kl: float
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+
+ENGINE_THRESHOLDS: dict[str, EngineThresholds] = {
+    "float32": EngineThresholds(ort_atol=1e-3, ort_rtol=1e-3, torch_rel=2e-2, min_top1=0.95, max_kl=1e-2),
+    "float16": EngineThresholds(ort_atol=5e-2, ort_rtol=1e-3, torch_rel=2e-2, min_top1=0.95, max_kl=1e-2),
+    "bfloat16": EngineThresholds(ort_atol=5e-2, ort_rtol=1e-3, torch_rel=8e-2, min_top1=0.90, max_kl=5e-2),
+}
+
+
+def engine_failures(gpu: dict[str, Any], dtype: str) -> list[str]:
+    """Which ``ENGINE_THRESHOLDS[dtype]`` the GPU section (``vs_onnxruntime``, ``vs_pytorch``) misses; empty
+    when all are met. Every comparison is written ``not x <= limit`` so that NaN fails."""
+    t = ENGINE_THRESHOLDS[dtype]
+    bad = []
+    for case, r in gpu["vs_onnxruntime"].items():
+        worst = max(r["max_abs"].items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else math.inf)
+        if not r["passed"] or not all(math.isfinite(v) for v in r["max_abs"].values()):
+            bad.append(
+                f"engine vs ONNX Runtime ({case}): outputs beyond atol {t.ort_atol:g} / rtol {t.ort_rtol:g} "
+                f"(worst {worst[0]} max_abs {worst[1]:.3g})"
+            )
+    vt = gpu["vs_pytorch"]
+    cache_max = max(vt["reference_cache_max"], 1e-30)
+    for case, a in vt["agreement"].items():
+        if not a["max_rel"] <= t.torch_rel:
+            bad.append(f"engine vs PyTorch ({case}): logits max_rel {a['max_rel']:.3g} > {t.torch_rel:g}")
+        if not a["present_max_abs"] / cache_max <= t.torch_rel:
+            rel = a["present_max_abs"] / cache_max
+            bad.append(f"engine vs PyTorch ({case}): KV cache max_abs/max|ref| {rel:.3g} > {t.torch_rel:g}")
+    g = vt["generation"]
+    if not g["teacher_forced_top1"] >= t.min_top1:
+        bad.append(f"greedy top-1 agreement {g['teacher_forced_top1']:.3f} < {t.min_top1:g} over {g['tokens']} tokens")
+    if not g["mean_kl"] <= t.max_kl:
+        bad.append(f"mean KL {g['mean_kl']:.3g} > {t.max_kl:g} over {g['tokens']} tokens")
+    return bad
+
+
+def ort_providers() -> list[str]:
+    """Polygraphy's names of the ONNX Runtime providers for ``engine_vs_ort``: CUDA first when installed."""
+    import onnxruntime
+
+    return ["cuda", "cpu"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else ["cpu"]
 
 
 class TrtStepRunner(Runner):
@@ -74,18 +149,20 @@ def _feeds(spec: IOSpec, batch: int, seq: int, past: int, vocab: int, seed: int 
 def engine_vs_ort(
     plan: Path, onnx_path: Path, spec: IOSpec, profiles: list[ProfileSpec], backend: Backend, atol: float, rtol: float
 ) -> dict[str, Any]:
-    """Per-output max abs / pass of engine vs ONNX Runtime (CUDA EP if present, else CPU) via Comparator."""
+    """Per-output max abs / pass of engine vs ONNX Runtime (CUDA EP if present, else CPU) via Comparator;
+    ``onnxruntime_provider`` names the one used."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
     out: dict[str, Any] = {}
+    providers = ort_providers()
     cases = {"prefill": (1, min(16, profiles[-1].max["sequence"]), 0), "decode": (1, 1, 16)}
     for case, (b, s, p) in cases.items():
         index = profile_for(profiles, b, s, p)
         runners = [
             TrtRunner(load_engine(plan, backend), optimization_profile=index),
-            OnnxrtRunner(SessionFromOnnx(str(onnx_path))),
+            OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers)),
         ]
         results = Comparator.run(runners, data_loader=[_feeds(spec, b, s, p, spec.arch.vocab_size)])
         accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
@@ -93,6 +170,7 @@ def engine_vs_ort(
         (other,) = [res for res in results[1][1]]
         out[case] = {
             "passed": bool(accuracy),
+            "onnxruntime_provider": providers[0],
             "max_abs": {
                 n: float(np.abs(np.asarray(iteration[n], np.float64) - np.asarray(other[n], np.float64)).max())
                 for n in spec.output_names
@@ -104,7 +182,10 @@ def engine_vs_ort(
 def engine_vs_torch(
     ours: Runner, spec: IOSpec, dec32: Any, prompt_ids: Sequence[int], tokenizer: Any = None, n_tokens: int = 64
 ) -> dict[str, Any]:
-    """The engine against the original fp32 PyTorch model (see module docstring)."""
+    """The engine against the original fp32 PyTorch model (see module docstring); ``reference_cache_max`` is
+    the scale of the cache threshold."""
+    from layerpair.engine.dtype import reference_cache_max
+
     ref = TorchRunner(dec32)
     agreement = compare_runners(ours, spec, ref, dec32.io, tokenizer)
     ref_gen = Generator(ref, dec32.io).generate([prompt_ids], n_tokens, keep_logits=True)
@@ -118,6 +199,7 @@ def engine_vs_torch(
     logits_err = max(float(np.abs(r - o).max()) for r, o in zip(ref_gen.step_logits, forced.step_logits, strict=False))
     return {
         "agreement": {k: a.to_json() for k, a in agreement.items()},
+        "reference_cache_max": reference_cache_max(dec32, tokenizer),
         "generation": {
             "tokens": len(ref_gen.tokens[0]),
             "teacher_forced_top1": top1_agreement(ref_gen.step_logits, forced.step_logits),

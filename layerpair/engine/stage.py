@@ -3,7 +3,8 @@
 Runs after the ONNX stage (and after the merge stage, whatever ``model.onnx`` is by then: ``spec`` must be
 the I/O spec of that file). Without a GPU the engine is still built (TensorRT-RTX compiles ahead of time on
 the CPU) and the report says, in ``engine.gpu``, what was not run and why; it never carries a figure that
-was not measured.
+was not measured. On a GPU the engine is checked against ONNX Runtime and PyTorch (``gpu_checks``) and a missed
+threshold (``engine/gpu.py``'s ``ENGINE_THRESHOLDS``) fails the command like any validation: exit 3.
 
 Pipeline contract::
 
@@ -19,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerpair.engine.backend import load_backend, resolve_backend
+from layerpair.engine.backend import Backend, load_backend, resolve_backend
 from layerpair.engine.build import engine_from_onnx, gpu_status
-from layerpair.engine.profile import EngineLimits, profiles_from_limits
+from layerpair.engine.profile import EngineLimits, ProfileSpec, profiles_from_limits
+from layerpair.errors import ValidationError
 from layerpair.iospec import IOSpec
 
 PLAN_FILE = "model.plan"
@@ -67,31 +69,51 @@ def engine_from_onnx_dir(
     if not opts.gpu_checks or dec32 is None:
         section["gpu"] = {"ran": False, "reason": "GPU checks disabled by the caller"}
         return section
-    from layerpair.engine.gpu import TrtStepRunner, engine_vs_ort, engine_vs_torch
+    section["gpu"] = gpu_checks(out_dir, spec, profiles, backend, opts, dec32, tokenizer, progress)
+    return section
+
+
+def gpu_checks(
+    out_dir: Path,
+    spec: IOSpec,
+    profiles: list[ProfileSpec],
+    backend: Backend,
+    opts: EngineOptions,
+    dec32: Any,
+    tokenizer: Any,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Engine vs ONNX Runtime and vs the fp32 PyTorch model, held to ``gpu.ENGINE_THRESHOLDS``: the report's
+    ``engine.gpu``, or ValidationError (exit 3, nothing written) naming every threshold missed."""
+    from layerpair.engine.gpu import ENGINE_THRESHOLDS, TrtStepRunner, engine_failures, engine_vs_ort, engine_vs_torch
     from layerpair.exporter.validate import VALIDATION_TEXT, _tokens
 
+    t = ENGINE_THRESHOLDS[spec.dtype]
     progress("GPU: engine vs ONNX Runtime (per output) and vs the original PyTorch model")
     runner = TrtStepRunner(out_dir / PLAN_FILE, spec, profiles, backend)
     try:
         prompt = _tokens(tokenizer, VALIDATION_TEXT, 16, spec.arch.vocab_size, 0)
-        section["gpu"] = {
+        gpu: dict[str, Any] = {
             "ran": True,
+            "thresholds": t.to_json(),
             "vs_onnxruntime": engine_vs_ort(
-                out_dir / PLAN_FILE,
-                out_dir / "model.onnx",
-                spec,
-                profiles,
-                backend,
-                atol=1e-3 if spec.dtype == "float32" else 5e-2,
-                rtol=1e-3,
+                out_dir / PLAN_FILE, out_dir / "model.onnx", spec, profiles, backend, atol=t.ort_atol, rtol=t.ort_rtol
             ),
             "vs_pytorch": engine_vs_torch(runner, spec, dec32, prompt, tokenizer, opts.n_tokens),
         }
     finally:
         runner.close()
-    g = section["gpu"]["vs_pytorch"]["generation"]
+    g = gpu["vs_pytorch"]["generation"]
     progress(
         f"engine vs PyTorch over {g['tokens']} greedy tokens: top1 {g['teacher_forced_top1']:.3f}, "
         f"mean KL {g['mean_kl']:.2e}, logits max_abs {g['logits_max_abs']:.2e}"
     )
-    return section
+    bad = engine_failures(gpu, spec.dtype)
+    if bad:
+        raise ValidationError(
+            f"the {spec.dtype} engine misses its thresholds: " + "; ".join(bad),
+            "nothing was written; the thresholds are ENGINE_THRESHOLDS in layerpair/engine/gpu.py — report the "
+            "model, flags and GPU",
+        )
+    gpu["passed"] = True
+    return gpu
