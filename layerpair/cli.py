@@ -25,6 +25,7 @@ from layerpair.errors import InputError, LayerpairError
 
 # verb -> "module:function"; each function takes argv (the words after the verb) and returns an exit code.
 VERBS: dict[str, str] = {}
+VERBS["bench"] = "layerpair.deploy.bench:bench_cli"
 VERBS["check"] = "layerpair.deploy.check:check_cli"
 VERBS["eval"] = "layerpair.evaluation.cli:run_eval_cli"
 VERBS["generate"] = "layerpair.deploy.generate:generate_cli"

@@ -9,7 +9,8 @@ installed. Everything model-specific comes from a ``DecoderIO`` built from the e
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,53 @@ def next_token(logits_V: np.ndarray, sampling: Sampling | None, rng: np.random.G
     return int(rng.choice(p.shape[0], p=p))
 
 
+# One forward of a decoder: (ids [B,S], mask [B,T], positions [B,S], state) -> (logits [B,S,V] numpy, new state).
+# The state is opaque to the loop (a dict of numpy arrays for ONNX Runtime, a list of torch tensors for PyTorch).
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
+
+
+def decode_steps(
+    step: StepFn, state: Any, ids_BS: np.ndarray, max_steps: int, pick: Callable[[np.ndarray], np.ndarray]
+) -> Iterator[np.ndarray]:
+    """The decode loop: prefill ``ids_BS`` (positions 0..S-1), then feed back one token per row per forward.
+
+    Yields ``pick(last logits [B,V])`` -> tokens [B] after each forward; the caller stops by not asking for more,
+    so generation (stop tokens, sampling) and timing (``time_decode``) share this one loop.
+    """
+    B, S = ids_BS.shape
+    pos_BS = np.tile(np.arange(S, dtype=np.int64), (B, 1))
+    mask_BT = np.ones((B, S), np.int64)  # [B,T]: past + this step's tokens
+    for _ in range(max_steps):
+        logits_BSV, state = step(ids_BS, mask_BT, pos_BS, state)
+        consumed = mask_BT.shape[1]  # positions now in the cache
+        tok_B = pick(logits_BSV[:, -1])
+        yield tok_B
+        ids_BS = np.asarray(tok_B, np.int64).reshape(B, 1)
+        pos_BS = np.full((B, 1), consumed, np.int64)
+        mask_BT = np.ones((B, consumed + 1), np.int64)
+
+
+def greedy(logits_BV: np.ndarray) -> np.ndarray:
+    return np.asarray(logits_BV.argmax(-1))
+
+
+def time_decode(
+    step: StepFn, state: Any, ids_BS: np.ndarray, decode: int, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, list[float]]:
+    """Seconds of the prefill forward and of each of ``decode`` greedy decode forwards, through ``decode_steps``.
+
+    Each interval runs from one token to the next, so it holds what a real generation pays per token (input
+    arrays, the forward, the argmax), not the forward alone.
+    """
+    times: list[float] = []
+    t0 = clock()
+    for _ in decode_steps(step, state, ids_BS, decode + 1, greedy):
+        t1 = clock()
+        times.append(t1 - t0)
+        t0 = t1
+    return times[0], times[1:]
+
+
 class OrtGenerator:
     """Batch-1 generation with one ONNX Runtime session; the cache lives in numpy between steps."""
 
@@ -162,20 +210,16 @@ class OrtGenerator:
             raise ValueError("empty prompt: at least one token is needed")
         rng = np.random.default_rng(sampling.seed) if sampling is not None else None
         ids_BS = np.asarray([list(prompt_ids)], np.int64)  # [1,S]
-        pos_BS = np.arange(len(prompt_ids), dtype=np.int64)[None]  # [1,S]
-        mask_BT = np.ones_like(ids_BS)  # [1,T]: past + this step's tokens
-        state = self.io.empty_state(1)
         stop = set(stop_ids)
-        for _ in range(max_new_tokens):
-            logits_BSV, state = self.step(ids_BS, mask_BT, pos_BS, state)
-            consumed = mask_BT.shape[1]  # positions now in the cache
-            tok = next_token(logits_BSV[0, -1], sampling, rng)
+
+        def pick(logits_BV: np.ndarray) -> np.ndarray:
+            return np.asarray([next_token(logits_BV[0], sampling, rng)], np.int64)
+
+        for tok_B in decode_steps(self.step, self.io.empty_state(1), ids_BS, max_new_tokens, pick):
+            tok = int(tok_B[0])
             yield tok
             if tok in stop:
                 return
-            ids_BS = np.asarray([[tok]], np.int64)
-            pos_BS = np.asarray([[consumed]], np.int64)
-            mask_BT = np.ones((1, consumed + 1), np.int64)
 
     def generate(
         self,
