@@ -78,6 +78,16 @@ def export_parser() -> argparse.ArgumentParser:
         help=f"validation tolerance, max abs on logits and cache (default {DEFAULT_ATOL:g})",
     )
     p.add_argument(
+        "--validation",
+        choices=("auto", "whole", "windowed"),
+        default="auto",
+        help="whole graph against the PyTorch model, or window by window for models that do not fit in memory "
+        "twice (default auto: whole when it fits)",
+    )
+    p.add_argument(
+        "--window-gb", type=float, default=1.0, help="windowed validation: fp32 weights per window (default 1)"
+    )
+    p.add_argument(
         "--no-merge",
         action="store_true",
         help="keep each pair as two parallel branches (default: merge each pair into one wide layer)",
@@ -103,6 +113,8 @@ def run_export_cli(argv: Sequence[str]) -> int:
 
     args = export_parser().parse_args(argv)
     dtype, engine = engine_options_from_args(args)
+    if not args.window_gb > 0:
+        raise InputError(f"--window-gb must be positive, got {args.window_gb}", "pass e.g. --window-gb 1")
     if not args.atol > 0:
         raise InputError(f"--atol must be positive, got {args.atol}", "pass e.g. --atol 1e-4")
     output = args.output or _default_output(args.model, args.pairs)
@@ -129,6 +141,8 @@ def run_export_cli(argv: Sequence[str]) -> int:
         dtype=dtype,
         engine=engine,
         decoder_for=decoder_for,
+        validation=args.validation,
+        window_gb=args.window_gb,
     )
     report = run_export(opts, lambda n: parse_pairs(args.pairs, n))
     print(summary(report, output))
@@ -151,6 +165,16 @@ def summary(report: dict, output: Path) -> str:
         lines.append(
             f"  merged pairs: nodes {report['nodes_before']} -> {report['nodes_after']}, "
             f"MatMuls {report['matmuls_before']} -> {report['matmuls_after']} (--no-merge keeps two branches)"
+        )
+    for stage, v in report.get("validation", {}).items():  # windowed validation (no whole-graph agreement)
+        windows = v.get("windows", [])
+        if not v.get("executed", True):
+            lines.append(f"  {stage:8s} NOT EXECUTED: {v['why']}")
+            continue
+        worst = {k: max(w[k] or 0.0 for w in windows) for k in ("hidden_max_abs", "cache_max_abs", "logits_max_abs")}
+        lines.append(
+            f"  {stage:8s} {len(windows)} windows ORT vs PyTorch: hidden max_abs {worst['hidden_max_abs']:.2e} "
+            f"cache max_abs {worst['cache_max_abs']:.2e} logits max_abs {worst['logits_max_abs']:.2e}"
         )
     for k, a in ag.items():
         lines.append(

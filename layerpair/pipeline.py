@@ -20,12 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerpair.errors import ValidationError
+from layerpair.errors import InputError, ValidationError
 from layerpair.exporter.loading import Checkpoint, load_checkpoint
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import DEFAULT_OPSET, export_onnx
 from layerpair.exporter.pairs import Pairs
-from layerpair.exporter.validate import Agreement, RecordedRunner, TorchRunner, record_reference
+from layerpair.exporter.validate import (
+    VALIDATION_TEXT,
+    Agreement,
+    RecordedRunner,
+    TorchRunner,
+    _tokens,
+    record_reference,
+)
+from layerpair.exporter.windowed import validate_windowed
 from layerpair.graph_passes.stage import merged_onnx_from_onnx
 from layerpair.iospec import IOSpec
 from layerpair.meter import Meter, counter_progress
@@ -54,6 +62,8 @@ class ExportOptions:
     engine: Any = None  # layerpair.engine.stage.EngineOptions with --trt
     # --pairs auto / --heal: checkpoint -> (Decoder to export, report entries); see layerpair/evaluation/selection.py
     decoder_for: Any = None
+    validation: str = "auto"  # "whole" | "windowed" | "auto" (whole when it fits in memory)
+    window_gb: float = 1.0  # windowed validation: fp32 weight bytes per window (at least one block)
 
 
 def versions() -> dict[str, str]:
@@ -87,10 +97,11 @@ def reference_decoder(
     return ckpt.decoder(pairs, counter_progress(say, "reading weights"))
 
 
-def onnx_section(dec: Decoder, path: Path, opts: ExportOptions, say: Progress) -> dict[str, Any]:
+def onnx_section(dec: Decoder, path: Path, opts: ExportOptions, say: Progress, source: Any = None) -> dict[str, Any]:
     pairs = list(map(list, dec.pairs)) or "none"
     say(f"writing ONNX (opset {opts.opset}, pairs {pairs})")
-    proto = export_onnx(dec, path, opts.opset, opts.external_data, counter_progress(say, "writing weights"))
+    progress = counter_progress(say, "writing weights")
+    proto = export_onnx(dec, path, opts.opset, opts.external_data, progress, source)
     data = path.with_name(path.name + ".data")
     return {
         "file": path.name,
@@ -127,59 +138,162 @@ class _Validator:
 def run_export(
     opts: ExportOptions, pairs_for: Callable[[int], Pairs], progress: Progress = stderr_progress
 ) -> dict[str, Any]:
-    """Load, apply pairs, export, validate, merge, validate; write ``opts.output`` atomically. Returns the report."""
-    from layerpair.engine.dtype import typed_export
-
+    """Open, choose the validation mode, then run the stages; write ``opts.output`` atomically. Returns the report."""
     meter = Meter(progress)
     with staged_output(opts.output, opts.force) as tmp:
-        with meter("load"):
+        with meter("open"):
             progress(f"opening {opts.model}")
             ckpt = load_checkpoint(opts.model, progress)
-            dec = reference_decoder(ckpt, opts, pairs_for, progress)
-            typed = typed_export(dec, opts.dtype, ckpt.tokenizer, progress)  # --dtype: engine/dtype.py
-        with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
-            progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
-            reference = record_reference(TorchRunner(dec), dec.io, ckpt.tokenizer)
-        spec, ref_spec, pairs = typed.spec, dec.io, dec.pairs  # spec: I/O of OUT/model.onnx
-        with meter("export"):
-            onnx_info = onnx_section(typed.decoder or dec, tmp / "model.onnx", opts, progress)
-        keep = opts.engine is not None or opts.dtype == "bfloat16"  # GPU checks / bf16 still run PyTorch
-        if not keep:  # ONNX Runtime sessions below hold the weights: never next to the PyTorch copy
-            del dec
-            typed.decoder = None
-            gc.collect()
-        validate = _Validator(typed, reference, ref_spec, ckpt.tokenizer, opts, progress)
-        with meter("validate"):
-            progress("validating ONNX Runtime against PyTorch")
-            fix = "nothing was written; report this model and flags as a bug (or raise --atol if justified)"
-            agreement = validate(tmp / "model.onnx", spec, "ONNX Runtime", fix)
-        merge_info: dict[str, Any] = {"merged": False}
-        if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
-            with meter("merge"):
-                from layerpair.exporter.precision import record_unmerged  # 16-bit: merged held to unmerged
-
-                typed_check = record_unmerged(
-                    tmp / "model.onnx", spec, ckpt.arch.num_parameters(), reference, ref_spec, ckpt.tokenizer, progress
-                )
-                progress("merging each pair into one wide layer (graph passes)")
-                spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
-                onnx_info.update(merge_info.pop("onnx"))
-            with meter("validate_merged"):
-                progress("validating the merged ONNX against PyTorch")
-                merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
-                fix = "nothing was written; export with --no-merge and report this model and flags as a bug"
-                agreement = validate(tmp / "model.onnx", spec, "merged ONNX", fix)
-                merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
-        if ckpt.tokenizer is not None:
-            ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        report = _report(opts, ckpt, pairs, typed, onnx_info, spec, agreement, merge_info)
-        if opts.engine is not None:  # after the ONNX (and merge) stages: builds from whatever model.onnx is now
-            from layerpair.engine.stage import engine_from_onnx_dir
-
-            with meter("engine"):
-                report["engine"] = engine_from_onnx_dir(tmp, spec, opts.engine, progress, dec, ckpt.tokenizer)
+        mode, why = validation_mode(opts, ckpt.arch)
+        progress(f"validation: {mode} graph ({why})")
+        stages = _windowed_stages if mode == "windowed" else _whole_stages
+        report = stages(opts, ckpt, pairs_for, tmp, meter, progress)
+        report["validation_mode"] = {"mode": mode, "why": why}
         report.update(meter.to_json())
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def validation_mode(opts: ExportOptions, arch: Any) -> tuple[str, str]:
+    """ "whole" when the fp32 PyTorch model and an ONNX Runtime session of it fit in memory one after the other
+    (peak ~1.3x the fp32 weight bytes + ~1 GB), else "windowed"; ``--validation`` overrides."""
+    need = 1.3 * 4 * arch.num_parameters() + 2**30
+    avail = available_memory()
+    if opts.validation != "auto":
+        return opts.validation, "--validation " + opts.validation
+    if opts.decoder_for is not None:
+        return "whole", "--pairs auto / --heal evaluate the whole model in PyTorch"
+    if need <= avail:
+        return "whole", f"needs ~{need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available"
+    return "windowed", f"the whole graph needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+
+
+def available_memory() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _whole_stages(
+    opts: ExportOptions,
+    ckpt: Checkpoint,
+    pairs_for: Callable[[int], Pairs],
+    tmp: Path,
+    meter: Meter,
+    progress: Progress,
+) -> dict[str, Any]:
+    """The fp32 PyTorch model in memory, recorded once; ONNX Runtime on the whole graph against that recording."""
+    from layerpair.engine.dtype import typed_export
+
+    with meter("load"):
+        dec = reference_decoder(ckpt, opts, pairs_for, progress)
+        typed = typed_export(dec, opts.dtype, ckpt.tokenizer, progress)  # --dtype: engine/dtype.py
+    with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
+        progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
+        reference = record_reference(TorchRunner(dec), dec.io, ckpt.tokenizer)
+    spec, ref_spec, pairs = typed.spec, dec.io, dec.pairs  # spec: I/O of OUT/model.onnx
+    with meter("export"):
+        onnx_info = onnx_section(typed.decoder or dec, tmp / "model.onnx", opts, progress)
+    keep = opts.engine is not None or opts.dtype == "bfloat16"  # GPU checks / bf16 still run PyTorch
+    if not keep:  # ONNX Runtime sessions below hold the weights: never next to the PyTorch copy
+        del dec
+        typed.decoder = None
+        gc.collect()
+    validate = _Validator(typed, reference, ref_spec, ckpt.tokenizer, opts, progress)
+    with meter("validate"):
+        progress("validating ONNX Runtime against PyTorch")
+        fix = "nothing was written; report this model and flags as a bug (or raise --atol if justified)"
+        agreement = validate(tmp / "model.onnx", spec, "ONNX Runtime", fix)
+    merge_info: dict[str, Any] = {"merged": False}
+    if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
+        spec, agreement, merge_info = _merge_stages(tmp, ckpt, pairs, spec, agreement, validate, meter, progress)
+        onnx_info.update(merge_info.pop("onnx"))
+    if ckpt.tokenizer is not None:
+        ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    report = _report(opts, ckpt, pairs, typed, onnx_info, spec, agreement, merge_info)
+    if opts.engine is not None:  # after the ONNX (and merge) stages: builds from whatever model.onnx is now
+        from layerpair.engine.stage import engine_from_onnx_dir
+
+        with meter("engine"):
+            report["engine"] = engine_from_onnx_dir(tmp, spec, opts.engine, progress, dec, ckpt.tokenizer)
+    return report
+
+
+def _merge_stages(
+    tmp: Path,
+    ckpt: Checkpoint,
+    pairs: Pairs,
+    spec: IOSpec,
+    agreement: dict[str, Agreement],
+    validate: _Validator,
+    meter: Meter,
+    progress: Progress,
+) -> tuple[IOSpec, dict[str, Agreement], dict[str, Any]]:
+    with meter("merge"):
+        from layerpair.exporter.precision import record_unmerged  # 16-bit: merged held to unmerged
+
+        ref, ref_spec = validate.reference, validate.ref_spec
+        n = ckpt.arch.num_parameters()
+        typed_check = record_unmerged(tmp / "model.onnx", spec, n, ref, ref_spec, ckpt.tokenizer, progress)
+        progress("merging each pair into one wide layer (graph passes)")
+        spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
+    with meter("validate_merged"):
+        progress("validating the merged ONNX against PyTorch")
+        merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
+        fix = "nothing was written; export with --no-merge and report this model and flags as a bug"
+        agreement = validate(tmp / "model.onnx", spec, "merged ONNX", fix)
+        merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
+    return spec, agreement, merge_info
+
+
+def _windowed_stages(
+    opts: ExportOptions,
+    ckpt: Checkpoint,
+    pairs_for: Callable[[int], Pairs],
+    tmp: Path,
+    meter: Meter,
+    progress: Progress,
+) -> dict[str, Any]:
+    """No whole PyTorch model: the graph is written straight from the checkpoint and validated window by window
+    (exporter/windowed.py) against PyTorch blocks read for that window only."""
+    from layerpair.engine.dtype import DTYPE_TOLERANCE, TORCH_DTYPES
+
+    if opts.decoder_for is not None or ckpt.weights is None:
+        raise InputError("--validation windowed needs a checkpoint read tensor by tensor, without --pairs auto/--heal",
+                         "use a safetensors checkpoint directory and explicit --pairs")  # fmt: skip
+    pairs = pairs_for(ckpt.arch.num_layers)
+    ref = Decoder.skeleton(ckpt.arch, pairs)  # fp32 reference, shapes only
+    typed = ref if opts.dtype == "float32" else Decoder.skeleton(ckpt.arch, pairs).to(TORCH_DTYPES[opts.dtype])
+    with meter("export"):
+        onnx_info = onnx_section(typed, tmp / "model.onnx", opts, progress, typed.weight_source(ckpt.weights))
+    tokens = _tokens(ckpt.tokenizer, VALIDATION_TEXT, 23, ckpt.arch.vocab_size, 0)
+    tol = DTYPE_TOLERANCE.get(opts.dtype, opts.atol)
+    budget = int(opts.window_gb * 2**30)
+    source = ref.weight_source(ckpt.weights)
+
+    def validate(spec: IOSpec, stage: str) -> dict[str, Any]:
+        if spec.dtype == "bfloat16":  # ONNX Runtime's CPU provider has no bf16 kernels
+            progress("bf16: the graph was NOT executed (ONNX Runtime CPU has no bf16 kernels); validate it on a GPU")
+            return {"mode": "windowed", "executed": False, "why": "ONNX Runtime CPU has no bf16 kernels"}
+        with meter(stage):
+            return validate_windowed(tmp / "model.onnx", spec, ref, source, tokens, tol, budget, progress)
+
+    spec = IOSpec.for_model(ckpt.arch, pairs, dtype=opts.dtype)
+    report_v = {"unmerged": validate(spec, "validate")}
+    merge_info: dict[str, Any] = {"merged": False}
+    if pairs and opts.merge:
+        with meter("merge"):
+            spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
+            onnx_info.update(merge_info.pop("onnx"))
+        report_v["merged"] = validate(spec, "validate_merged")
+    if ckpt.tokenizer is not None:
+        ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    report = _report(opts, ckpt, pairs, None, onnx_info, spec, {}, merge_info)
+    report["validation"] = report_v
     return report
 
 
@@ -213,7 +327,7 @@ def _report(
         **merge_info,
         **opts.extra,
     }
-    if opts.dtype != "float32":
+    if opts.dtype != "float32" and typed is not None:
         report["overflow_scan"] = typed.overflow.to_json()
         report["validated_by"] = typed.validated_by
     return report

@@ -23,7 +23,8 @@ later step through ``0 * NaN``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -147,6 +148,33 @@ class Layer(nn.Module):
         self.mlp = MLP(arch)
 
 
+def read_weight(reader: WeightReader, hf_name: str, transposed: bool) -> Tensor:
+    """One checkpoint tensor as contiguous fp32 in our layout. A non-finite weight is an input error naming the
+    tensor: it would otherwise export, and the first NaN would poison every later step."""
+    t = reader.read(hf_name).to(torch.float32)
+    t = t.t().contiguous() if transposed else t.contiguous()
+    # A float64 sum is finite exactly when every element is (fp32 values cannot overflow it): 20x cheaper than an
+    # elementwise isfinite over the whole model.
+    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        raise NonFiniteWeightError(
+            f"checkpoint tensor '{hf_name}' holds {int((~torch.isfinite(t)).sum())} non-finite value(s)",
+            "repair or re-download the checkpoint: a NaN/inf weight makes every output NaN",
+        )
+    return t
+
+
+@dataclass
+class StepContext:
+    keep: dict[int | None, Tensor]  # [B,1,S,T] per sliding window (None: full causal)
+    cos: Tensor  # [B,1,S,D]
+    sin: Tensor
+    past: Sequence[Tensor]  # 2 per layer, unmerged slots
+    presents: dict[int, tuple[Tensor, Tensor]]  # layer -> (K, V) [B,KVH,T,D]
+
+    def presents_in_order(self) -> list[Tensor]:
+        return [t for i in sorted(self.presents) for t in self.presents[i]]
+
+
 class Decoder(nn.Module):
     def __init__(self, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__()
@@ -193,29 +221,40 @@ class Decoder(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor
     ) -> tuple[Tensor, ...]:
         x = F.embedding(input_ids, self.embed_tokens)  # [B,S,h]
-        S = input_ids.shape[1]
-        keep = self._keep_masks(attention_mask, S)
-        cos, sin = self._rotary(position_ids, x.dtype)
-        presents: list[Tensor] = []
-
-        def attn(layer: Layer, xn: Tensor) -> Tensor:
-            i = layer.index
-            out, k, v = layer.self_attn(xn, cos, sin, past[2 * i], past[2 * i + 1], keep[self.arch.window(i)])
-            presents.extend((k, v))
-            return out
-
-        layers: Any = self.layers
+        ctx = self.step_context(attention_mask, position_ids, x.dtype, past)
         for block in self.blocks:
-            ls: list[Layer] = [layers[i] for i in block]
-            h = x
-            for layer in ls:  # pair: both attentions read x, both outputs join the residual
-                h = h + attn(layer, layer.input_layernorm(x))
-            x = h
-            for layer in ls:  # pair: both MLPs read h
-                x = x + layer.mlp(layer.post_attention_layernorm(h))
+            x = self.run_block(block, x, ctx)
+        return (self.logits(x), *ctx.presents_in_order())
+
+    def step_context(
+        self, attention_mask: Tensor, position_ids: Tensor, dtype: torch.dtype, past: Sequence[Tensor]
+    ) -> StepContext:
+        """What every block of one step reads: keep masks, cos/sin, the past cache (``past[2i]``, ``past[2i+1]``:
+        layer i's K and V) — and where each layer leaves its present K/V."""
+        cos, sin = self._rotary(position_ids, dtype)
+        return StepContext(self._keep_masks(attention_mask, position_ids.shape[1]), cos, sin, past, {})
+
+    def run_block(self, block: Sequence[int], x: Tensor, ctx: StepContext) -> Tensor:
+        """One single layer, or a pair whose two branches read the same input (module docstring)."""
+        layers: Any = self.layers
+        ls: list[Layer] = [layers[i] for i in block]
+        h = x
+        for layer in ls:  # pair: both attentions read x, both outputs join the residual
+            i = layer.index
+            xn = layer.input_layernorm(x)
+            keep = ctx.keep[self.arch.window(i)]
+            out, k, v = layer.self_attn(xn, ctx.cos, ctx.sin, ctx.past[2 * i], ctx.past[2 * i + 1], keep)
+            ctx.presents[i] = (k, v)
+            h = h + out
+        x = h
+        for layer in ls:  # pair: both MLPs read h
+            x = x + layer.mlp(layer.post_attention_layernorm(h))
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         logits = x @ self.embed_tokens.t() if self.lm_head is None else x @ self.lm_head
-        return (logits.float(), *presents)
+        return logits.float()
 
     # ---- construction from checkpoint weights ---------------------------------------------------
     def hf_names(self) -> dict[str, tuple[str, bool]]:
@@ -236,34 +275,42 @@ class Decoder(nn.Module):
         return out
 
     @classmethod
+    def skeleton(cls, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = ()) -> Decoder:
+        """Shapes and dtypes only (meta tensors): what the graph writer and the I/O spec need, no weight memory."""
+        with torch.device("meta"):
+            dec = cls(arch, pairs)
+        dec.inv_freq = torch.tensor(arch.rope.inv_freq(arch.head_dim), dtype=torch.float64).float()
+        return dec.eval()
+
+    def weight_source(self, reader: WeightReader) -> Callable[[str], Tensor]:
+        """``source(our name) -> tensor`` in our layout and this decoder's dtype, read from ``reader`` on demand."""
+        names = self.hf_names()
+        require(reader, [hf for hf, _ in names.values()])
+        dtypes = {n: p.dtype for n, p in self.named_parameters()}
+
+        def source(name: str) -> Tensor:
+            hf, transposed = names[name]
+            return read_weight(reader, hf, transposed).to(dtypes[name])
+
+        return source
+
+    @classmethod
     def from_weights(
         cls, reader: WeightReader, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = (), progress: Any = None
     ) -> Decoder:
         """Read every weight from ``reader`` (fp32), one tensor at a time; no other copy of the model is made.
 
-        Built on the meta device first, so no placeholder is ever allocated. A non-finite weight is an input
-        error naming the tensor: it would otherwise export, and the first NaN would poison every later step.
+        Built on the meta device first, so no placeholder is ever allocated.
         """
-        with torch.device("meta"):
-            dec = cls(arch, pairs)
-        names = dec.hf_names()
-        require(reader, [hf for hf, _ in names.values()])
-        for k, (ours, (hf, transposed)) in enumerate(names.items()):
-            t = reader.read(hf).to(torch.float32)
-            t = t.t().contiguous() if transposed else t.contiguous()
-            # A float64 sum is finite exactly when every element is (fp32 values cannot overflow it): 20x
-            # cheaper than an elementwise isfinite over the whole model.
-            if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
-                raise NonFiniteWeightError(
-                    f"checkpoint tensor '{hf}' holds {int((~torch.isfinite(t)).sum())} non-finite value(s)",
-                    "repair or re-download the checkpoint: a NaN/inf weight makes every output NaN",
-                )
+        dec = cls.skeleton(arch, pairs)
+        source = dec.weight_source(reader)
+        names = list(dec.hf_names())
+        for k, ours in enumerate(names):
             mod, _, attr = ours.rpartition(".")
-            setattr(dec.get_submodule(mod) if mod else dec, attr, nn.Parameter(t, requires_grad=False))
+            setattr(dec.get_submodule(mod) if mod else dec, attr, nn.Parameter(source(ours), requires_grad=False))
             if progress is not None:
                 progress(k + 1, len(names))
-        dec.inv_freq = torch.tensor(arch.rope.inv_freq(arch.head_dim), dtype=torch.float64).float()
-        return dec.eval()
+        return dec
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = ()) -> Decoder:

@@ -21,7 +21,7 @@ import torch
 
 from layerpair.errors import InputError, disk_full_as_output_error
 from layerpair.exporter.model import Decoder
-from layerpair.exporter.onnx_graph import build_graph
+from layerpair.exporter.onnx_graph import Source, build_graph
 from layerpair.iospec import IOSpec
 
 DEFAULT_OPSET = 20
@@ -57,8 +57,13 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source: Source | None = None,
 ) -> onnx.ModelProto:
-    """Export ``dec`` to ``path``. Returns the saved model without its weights (for counting nodes)."""
+    """Export ``dec`` to ``path``. Returns the saved model without its weights (for counting nodes).
+
+    ``dec`` may be a skeleton (``Decoder.skeleton``, meta tensors) with ``source`` reading each weight from the
+    checkpoint as it is written: the export then never holds more than one tensor of the model.
+    """
     size = weight_bytes(dec)
     if external_data is False and size >= TWO_GB:
         raise InputError(
@@ -66,6 +71,6 @@ def export_onnx(
             "drop --single-file: weights then go to model.onnx.data",
         )
     dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dec.embed_tokens.dtype]
-    model = build_graph(dec, IOSpec.for_model(dec.arch, dec.pairs, dtype=dtype), opset)
+    model = build_graph(dec, IOSpec.for_model(dec.arch, dec.pairs, dtype=dtype), opset, source)
     save_model(model, path, external_data is not False, progress)
     return onnx.load(str(path), load_external_data=False)

@@ -25,7 +25,7 @@ branches of a pair read the *same* values — a precondition of the attention me
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,11 +46,20 @@ _IR_DTYPES = {
 }
 
 
-def _lazy_weight(t: torch.Tensor, name: str) -> ir.LazyTensor:
-    """A tensor that reads ``t`` only when serialised: never a second resident copy of the model."""
+Source = Callable[[str], torch.Tensor]  # our parameter name -> its tensor (read from the checkpoint on demand)
+
+
+def _lazy_weight(t: torch.Tensor, name: str, source: Source | None) -> ir.LazyTensor:
+    """A tensor read only when serialised: ``t`` itself, or — for a meta tensor (a Decoder skeleton) — whatever
+    ``source(name)`` reads from the checkpoint. Never a second resident copy of the model."""
+    if t.is_meta and source is None:
+        raise ValueError(f"weight '{name}' has no data and no source to read it from")
 
     def read() -> ir.TensorProtocol:
-        return TorchTensor(t.detach().contiguous(), name=name)
+        data = source(name) if t.is_meta and source is not None else t.detach()
+        if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
+            raise ValueError(f"weight '{name}' read as {tuple(data.shape)} {data.dtype}, expected {tuple(t.shape)}")
+        return TorchTensor(data.contiguous(), name=name)
 
     return ir.LazyTensor(read, dtype=_IR_DTYPES[t.dtype], shape=ir.Shape(tuple(t.shape)), name=name)
 
@@ -58,7 +67,8 @@ def _lazy_weight(t: torch.Tensor, name: str) -> ir.LazyTensor:
 class _GraphWriter:
     """Appends nodes and initializers; names carry the module path so a node can be traced to model.py."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, source: Source | None = None) -> None:
+        self.source = source
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
         self.dtype = _IR_DTYPES[dtype]
@@ -94,7 +104,7 @@ class _GraphWriter:
         return self._consts[key]
 
     def weight(self, name: str, t: torch.Tensor) -> ir.Value:
-        return self.init(name, _lazy_weight(t, name))
+        return self.init(name, _lazy_weight(t, name, self.source))
 
     def cast(self, x: ir.Value, to: ir.DataType) -> ir.Value:
         """Cast only in 16-bit graphs (an fp32 graph has no identity casts, like the dynamo export)."""
@@ -272,9 +282,9 @@ def _io_value(name: str, dtype: str, dims: Sequence[int | str]) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(_SPEC_DTYPES[dtype]), shape=ir.Shape(list(dims)))
 
 
-def build_graph(dec: Decoder, spec: IOSpec, opset: int) -> ir.Model:
+def build_graph(dec: Decoder, spec: IOSpec, opset: int, source: Source | None = None) -> ir.Model:
     """The whole decoder as an ``ir.Model`` whose I/O is ``spec`` (unmerged slots); weights stay lazy."""
-    w = _GraphWriter(dec.embed_tokens.dtype)
+    w = _GraphWriter(dec.embed_tokens.dtype, source)
     inputs = [_io_value(t.name, t.dtype, t.dims) for t in spec.inputs]
     ids, attention_mask, position_ids = inputs[:3]
     past = {s.layers[0]: inputs[3 + 2 * j : 5 + 2 * j] for j, s in enumerate(spec.slots)}

@@ -1,0 +1,76 @@
+"""Window-by-window validation (exporter/windowed.py): it passes on a correct export, and fails — naming the
+window — when one weight in model.onnx.data is wrong or NaN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from layerpair.arch import ArchSpec
+from layerpair.cli import main
+from layerpair.errors import ValidationError
+from layerpair.exporter.model import Decoder
+from layerpair.exporter.onnx_export import export_onnx
+from layerpair.exporter.weights import SafetensorsWeights
+from layerpair.exporter.windowed import residual_values, validate_windowed
+from layerpair.graph_passes.stage import merged_onnx_from_onnx
+from tests.conftest import tiny_model
+
+TOKENS = list(np.random.default_rng(0).integers(0, 128, 30))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_windowed_export_through_the_cli(arch: str, tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main([str(tiny_checkpoints[arch]), "--pairs", "1:3", "-o", str(out), "--validation", "windowed",
+                 "--window-gb", "1e-6"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation_mode"]["mode"] == "windowed"
+    for stage in ("unmerged", "merged"):
+        windows = report["validation"][stage]["windows"]
+        assert len(windows) == 3 and all(w["passed"] for w in windows)  # blocks 0, (1,2), 3: one per window
+        assert windows[-1]["logits_max_abs"] <= 1e-4 and all(w["cache_max_abs"] <= 1e-4 for w in windows)
+
+
+def _export(tmp_path: Path) -> tuple[Path, Decoder, SafetensorsWeights]:
+    d = tmp_path / "ckpt"
+    m = tiny_model("llama")
+    m.save_pretrained(d)
+    reader = SafetensorsWeights(d)
+    skel = Decoder.skeleton(ArchSpec.from_hf_config(m.config), [(1, 2)])
+    path = tmp_path / "out" / "model.onnx"
+    export_onnx(skel, path, source=skel.weight_source(reader))
+    return path, skel, reader
+
+
+def _poke(path: Path, name: str, value: float) -> None:
+    """Overwrite the first element of initializer ``name`` inside model.onnx.data."""
+    model = onnx.load(str(path), load_external_data=False)
+    t = next(t for t in model.graph.initializer if t.name == name)
+    offset = int(next(e.value for e in t.external_data if e.key == "offset"))
+    data = path.with_name(path.name + ".data")
+    raw = bytearray(data.read_bytes())
+    raw[offset : offset + 4] = np.float32(value).tobytes()
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("value", "needle"), [(0.5, "max_abs"), (float("nan"), "nan")])
+def test_a_wrong_weight_fails_its_window(tmp_path: Path, value: float, needle: str) -> None:
+    path, skel, reader = _export(tmp_path)
+    source = skel.weight_source(reader)
+    validate_windowed(path, skel.io, skel, source, TOKENS, 1e-4, 1, lambda m: None)  # correct: passes
+    _poke(path, "layers.3.mlp.down_proj", value)
+    with pytest.raises(ValidationError, match=needle) as e:
+        validate_windowed(path, skel.io, skel, source, TOKENS, 1e-4, 1, lambda m: None)
+    assert "blocks (2, 3)" in str(e.value)  # block 2 is layer 3 (blocks: 0, (1,2), 3), and only that window
+
+
+def test_residual_stream_found_before_and_after_merging(tmp_path: Path) -> None:
+    path, skel, _ = _export(tmp_path)
+    assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == 2 * len(skel.blocks)
+    merged_onnx_from_onnx(path, skel.arch, [(1, 2)])
+    assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == 2 * len(skel.blocks)
