@@ -4,7 +4,8 @@
 
 Writes DIR/throughput.json and DIR/*.png (DIR defaults to benchmarks/results/throughput-cpu[-tiny]).
 
-Variants (random weights, same weights in every variant of one model — speed does not depend on values):
+Variants (random weights, same weights in every variant of one model — speed does not depend on values; norm
+scales are U(0.5, 1.5), not ones, so the ONNX merge really folds them):
 
 * ``original``        — ``Decoder(arch)``: the reference decoder, every layer in sequence.
 * ``lp_unmerged``     — ``Decoder(arch, pairs)``: each pair as two branches reading the same input.
@@ -172,10 +173,26 @@ def prefill_fn(
     return run
 
 
+#: What ``bench_decoder`` draws; part of the export cache key, so a cached export always has these weights.
+WEIGHTS = "random N(0, 0.02), norm scales U(0.5, 1.5) (speed does not depend on values)"
+
+
+def bench_decoder(arch: ArchSpec) -> Any:
+    """``random_decoder`` with non-unit norm scales, so the ONNX merge's ``fold_norm_scales`` does real work
+    (the committed figures before this were timed on a graph where it had fired 0 times, all-ones scales)."""
+    dec = random_decoder(arch)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    return dec
+
+
 # ---- ONNX: export cache and the merge hook -----------------------------------------------------
 def _arch_key(arch: ArchSpec, pairs: Pairs) -> str:
-    h = hashlib.sha256(json.dumps([asdict(arch), [list(p) for p in pairs]], sort_keys=True).encode()).hexdigest()
-    return h[:16]
+    key = [asdict(arch), [list(p) for p in pairs], WEIGHTS]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def exported(dec: Any, cache: Path, say: Callable[[str], None]) -> tuple[Path, float | None]:
@@ -221,8 +238,40 @@ def merged_onnx(
     """
     gp = importlib.import_module("layerpair.graph_passes")
     model, report = fn(src, arch, pairs)
+    check_fully_merged(model, arch, pairs, report)
     gp.save_model(model, dst)
     return IOSpec.for_model(arch, pairs, merged=True), report
+
+
+#: Passes that must fire for every merged pair (cleanup aside): anything less is not the graph to time.
+MERGE_PASSES = (
+    "share_rmsnorm",
+    "fold_norm_scales",
+    "merge_attention",
+    "merge_sibling_matmuls",
+    "merge_reducing_matmuls",
+)
+
+
+def check_fully_merged(model: Any, arch: ArchSpec, pairs: Pairs, report: dict[str, Any]) -> None:
+    """GraphPassError unless every pair is one wide layer (``wide_pair_problems``, read from the graph itself),
+    the MatMul count is ``MATMULS_SAVED_PER_PAIR`` per pair lower, and every merge pass fired."""
+    from layerpair.graph_passes import MATMULS_SAVED_PER_PAIR, GraphPassError
+    from layerpair.graph_passes.merge import count_ops
+    from layerpair.graph_passes.verify import wide_pair_problems
+
+    problems = [f"pair {a}-{b}: {p}" for a, b in pairs for p in wide_pair_problems(model.graph, arch, (a, b))]
+    expected = report["matmuls_before"] - MATMULS_SAVED_PER_PAIR * len(pairs)
+    if count_ops(model.graph, "MatMul") != expected:
+        problems.append(f"{count_ops(model.graph, 'MatMul')} MatMuls, expected {expected}")
+    idle = [name for name in MERGE_PASSES if not report["passes"].get(name)]
+    if idle:
+        problems.append(f"passes that did not fire: {', '.join(idle)}")
+    if problems or not pairs:
+        raise GraphPassError(
+            "the benchmark's merged ONNX graph is not fully merged: " + ("; ".join(problems) or "no pairs"),
+            "its lp_merged rows would time another graph; fix the merge (or the benchmark weights) first",
+        )
 
 
 def merged_agreement(paths: dict[str, tuple[Path, IOSpec, int, str | None]], threads: int) -> dict[str, Any]:
@@ -288,7 +337,7 @@ def _torch_variants(
 
 def main_torch(c: Ctx, model: str, arch: ArchSpec, pairs: Pairs) -> None:
     s = c.s
-    forms = _four_models(random_decoder(arch), pairs)
+    forms = _four_models(bench_decoder(arch), pairs)
     for phase in ("decode", "prefill"):
         vs = _torch_variants(forms, phase, s, s.steps, s.prefill_seq)
         c.say(f"torch eager {phase}: {model}, pairs {list(pairs)}")
@@ -342,7 +391,7 @@ def main_ort(c: Ctx, model: str, arch: ArchSpec, pairs: Pairs, given: Sequence[P
         pairs, paths = given_exports(given, arch)
         c.notes.append(f"onnxruntime: existing exports {[str(g) for g in given]} (their weights, their pairs)")
     else:
-        dec = random_decoder(arch)
+        dec = bench_decoder(arch)
         lp = with_pairs(dec, pairs)
         for name, m, base in (("original", dec, None), ("lp_unmerged", lp, "original")):
             path, secs = exported(m, c.cache, c.say)
@@ -352,22 +401,18 @@ def main_ort(c: Ctx, model: str, arch: ArchSpec, pairs: Pairs, given: Sequence[P
         del dec, lp
         gc.collect()
     fn, why = find_merge_hook()
-    merge_failed: str | None = None
     if fn is not None:
         src = paths["lp_unmerged"][0]
         dst = (c.cache / "given-merged" if given else src.parent.with_name(src.parent.name + "-merged")) / "model.onnx"
-        try:
-            t0 = time.perf_counter()
-            spec, report = merged_onnx(fn, src, dst, arch, pairs)
-            c.export_s[f"{model}/lp_merged_passes"] = round(time.perf_counter() - t0, 1)
-            paths["lp_merged"] = (dst, spec, len(pairs), "original")
-            c.merge = {
-                "function": f"layerpair.graph_passes.{why}",
-                "report": report,
-                "agreement_vs_unmerged": merged_agreement(paths, c.threads),
-            }
-        except Exception as e:  # a broken hook must not cost the other rows; the row says why
-            merge_failed = f"layerpair.graph_passes.{why} failed: {type(e).__name__}: {str(e)[:200]}"
+        t0 = time.perf_counter()  # an incomplete merge fails the benchmark (check_fully_merged)
+        spec, report = merged_onnx(fn, src, dst, arch, pairs)
+        c.export_s[f"{model}/lp_merged_passes"] = round(time.perf_counter() - t0, 1)
+        paths["lp_merged"] = (dst, spec, len(pairs), "original")
+        c.merge = {
+            "function": f"layerpair.graph_passes.{why}",
+            "report": report,
+            "agreement_vs_unmerged": merged_agreement(paths, c.threads),
+        }
     for phase in ("decode", "prefill"):
         vs = []
         for name, (path, spec, n, base) in paths.items():
@@ -384,12 +429,12 @@ def main_ort(c: Ctx, model: str, arch: ArchSpec, pairs: Pairs, given: Sequence[P
         common = _common("main", "onnxruntime-cpu", model, phase, s, pairs=[list(p) for p in pairs], **extra)
         c.rows += rows_from(vs, samples, arch.num_layers, common)
         if "lp_merged" not in paths:
-            c.rows.append(unavailable_row("lp_merged", merge_failed or why, arch.num_layers, len(pairs), common))
+            c.rows.append(unavailable_row("lp_merged", why, arch.num_layers, len(pairs), common))
 
 
 def scaling_pairs(c: Ctx, model: str, arch: ArchSpec) -> None:
     s = c.s
-    dec = random_decoder(arch)
+    dec = bench_decoder(arch)
     fused, _ = wide_pair(dec, ())
     vs = [
         Variant("original", decode_fn(*_torch_step(dec), dec.io, s, s.steps, True)),
@@ -458,7 +503,7 @@ def scaling_size(c: Ctx, models: Sequence[str]) -> None:
                         )
                     )
                 continue
-            forms = _four_models(random_decoder(arch), pairs)
+            forms = _four_models(bench_decoder(arch), pairs)
             vs = _torch_variants(forms, phase, s, s.size_steps, s.size_prefill_seq)
             c.say(f"torch eager {phase}, scaling with size: {model} ({arch.num_parameters() / 1e6:.0f} M params)")
             samples = interleaved(vs, s.repeats, s.warmup)
@@ -605,7 +650,7 @@ def run(s: Settings, out: Path, threads: int, cache: Path, say: Callable[[str], 
         "settings": asdict(s),
         "threads": threads,
         "dtype": "float32",
-        "weights": "random N(0, 0.02), unit norms (speed does not depend on values)",
+        "weights": WEIGHTS,
         "versions": {**versions(), "onnxruntime": onnxruntime.__version__},
         "export_seconds": c.export_s,
         "notes": c.notes,
