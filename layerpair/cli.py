@@ -115,7 +115,7 @@ def run_export_cli(argv: Sequence[str]) -> int:
     dtype, engine = engine_options_from_args(args)
     if not args.window_gb > 0:
         raise InputError(f"--window-gb must be positive, got {args.window_gb}", "pass e.g. --window-gb 1")
-    if not args.atol > 0:
+    if not (args.atol > 0 and args.atol != float("inf")):  # inf (or NaN) would turn validation off
         raise InputError(f"--atol must be positive, got {args.atol}", "pass e.g. --atol 1e-4")
     output = args.output or _default_output(args.model, args.pairs)
     from layerpair.evaluation.selection import export_selection

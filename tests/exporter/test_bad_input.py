@@ -122,8 +122,9 @@ def test_validation_failure_writes_nothing(
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_bad_atol(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    _fails(capsys, ["smollm2-135m", "-o", str(tmp_path / "out"), "--atol", "-1"], 2, "--atol")
+@pytest.mark.parametrize("atol", ["-1", "0", "inf", "nan"])
+def test_bad_atol(capsys: pytest.CaptureFixture[str], tmp_path: Path, atol: str) -> None:
+    _fails(capsys, ["smollm2-135m", "-o", str(tmp_path / "out"), "--atol", atol], 2, "--atol")
 
 
 def _tiny_dir(tmp_path: Path, **kw: object) -> Path:
