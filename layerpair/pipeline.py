@@ -268,6 +268,7 @@ def _windowed_stages(
     pairs = pairs_for(ckpt.arch.num_layers)
     ref = Decoder.skeleton(ckpt.arch, pairs)  # fp32 reference, shapes only
     typed = ref if opts.dtype == "float32" else Decoder.skeleton(ckpt.arch, pairs).to(TORCH_DTYPES[opts.dtype])
+    typed.inv_freq = ref.inv_freq  # .to() casts buffers too; rotary stays fp32 (as typed_decoder does)
     with meter("export"):
         onnx_info = onnx_section(typed, tmp / "model.onnx", opts, progress, typed.weight_source(ckpt.weights))
     tokens = _tokens(ckpt.tokenizer, VALIDATION_TEXT, 23, ckpt.arch.vocab_size, 0)

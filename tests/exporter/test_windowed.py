@@ -74,3 +74,17 @@ def test_residual_stream_found_before_and_after_merging(tmp_path: Path) -> None:
     assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == 2 * len(skel.blocks)
     merged_onnx_from_onnx(path, skel.arch, [(1, 2)])
     assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == 2 * len(skel.blocks)
+
+
+def test_windowed_16_bit(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """fp16: every window runs in ONNX Runtime against the fp32 PyTorch blocks (normwise fp16 tolerance); bf16:
+    ONNX Runtime's CPU provider cannot run it, and the report says so instead of passing silently."""
+    ck = str(tiny_checkpoints["llama"])
+    flags = ["--pairs", "1:3", "--validation", "windowed", "--window-gb", "1e-6"]
+    assert main([ck, "-o", str(tmp_path / "fp16"), "--dtype", "fp16", *flags]) == 0
+    v = json.loads((tmp_path / "fp16" / "report.json").read_text())["validation"]
+    assert all(w["passed"] for stage in ("unmerged", "merged") for w in v[stage]["windows"])
+    assert 0 < v["merged"]["windows"][-1]["logits_max_abs"] < 2e-2 * 30  # really fp16: not exact, within tolerance
+    assert main([ck, "-o", str(tmp_path / "bf16"), "--dtype", "bf16", *flags]) == 0
+    v = json.loads((tmp_path / "bf16" / "report.json").read_text())["validation"]
+    assert v["merged"]["executed"] is False and "bf16" in v["merged"]["why"]
