@@ -269,33 +269,58 @@ def _windowed_stages(
     ref = Decoder.skeleton(ckpt.arch, pairs)  # fp32 reference, shapes only
     typed = ref if opts.dtype == "float32" else Decoder.skeleton(ckpt.arch, pairs).to(TORCH_DTYPES[opts.dtype])
     typed.inv_freq = ref.inv_freq  # .to() casts buffers too; rotary stays fp32 (as typed_decoder does)
-    with meter("export"):
-        onnx_info = onnx_section(typed, tmp / "model.onnx", opts, progress, typed.weight_source(ckpt.weights))
+    with meter("export"):  # pairs merged in memory, before anything is written: the model is written once
+        spec, onnx_info, merge_info = _write_merged(typed, tmp / "model.onnx", opts, ckpt.weights, progress)
     tokens = _tokens(ckpt.tokenizer, VALIDATION_TEXT, 23, ckpt.arch.vocab_size, 0)
     tol = DTYPE_TOLERANCE.get(opts.dtype, opts.atol)
     budget = int(opts.window_gb * 2**30)
     source = ref.weight_source(ckpt.weights)
-
-    def validate(spec: IOSpec, stage: str) -> dict[str, Any]:
-        if spec.dtype == "bfloat16":  # ONNX Runtime's CPU provider has no bf16 kernels
-            progress("bf16: the graph was NOT executed (ONNX Runtime CPU has no bf16 kernels); validate it on a GPU")
-            return {"mode": "windowed", "executed": False, "why": "ONNX Runtime CPU has no bf16 kernels"}
-        with meter(stage):
-            return validate_windowed(tmp / "model.onnx", spec, ref, source, tokens, tol, budget, progress)
-
-    spec = IOSpec.for_model(ckpt.arch, pairs, dtype=opts.dtype)
-    report_v = {"unmerged": validate(spec, "validate")}
-    merge_info: dict[str, Any] = {"merged": False}
-    if pairs and opts.merge:
-        with meter("merge"):
-            spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
-            onnx_info.update(merge_info.pop("onnx"))
-        report_v["merged"] = validate(spec, "validate_merged")
+    stage = "merged" if merge_info["merged"] else "unmerged"
+    if spec.dtype == "bfloat16":  # ONNX Runtime's CPU provider has no bf16 kernels
+        progress("bf16: the graph was NOT executed (ONNX Runtime CPU has no bf16 kernels); validate it on a GPU")
+        report_v = {stage: {"mode": "windowed", "executed": False, "why": "ONNX Runtime CPU has no bf16 kernels"}}
+    else:
+        with meter("validate_merged" if stage == "merged" else "validate"):
+            v = validate_windowed(tmp / "model.onnx", spec, ref, source, tokens, tol, budget, progress)
+        report_v = {stage: v}
     if ckpt.tokenizer is not None:
         ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     report = _report(opts, ckpt, pairs, None, onnx_info, spec, {}, merge_info)
     report["validation"] = report_v
     return report
+
+
+def _write_merged(
+    dec: Decoder, path: Path, opts: ExportOptions, weights: Any, progress: Progress
+) -> tuple[IOSpec, dict[str, Any], dict[str, Any]]:
+    """Build the graph from the checkpoint, merge its pairs in memory (weights still lazy), write it once.
+
+    The unmerged graph is never written in this mode (it would cost a second copy of the model on disk); its
+    windows are not validated separately — the merged graph, the one shipped, is (``--no-merge`` checks the
+    unmerged one)."""
+    from layerpair.exporter.onnx_export import build_model, save_model
+    from layerpair.graph_passes.merge import merge_pairs
+    from layerpair.graph_passes.stage import merge_report
+
+    model = build_model(dec, opts.opset, dec.weight_source(weights))
+    spec = IOSpec.for_model(dec.arch, dec.pairs, dtype=opts.dtype)
+    merge_info: dict[str, Any] = {"merged": False}
+    if dec.pairs and opts.merge:
+        progress("merging each pair into one wide layer in memory (graph passes), before writing")
+        model, rep = merge_pairs(model, dec.arch, dec.pairs)
+        spec, merge_info = IOSpec.for_model(dec.arch, dec.pairs, merged=True, dtype=opts.dtype), merge_report(rep)
+    progress(f"writing ONNX (opset {opts.opset}, pairs {list(map(list, dec.pairs)) or 'none'})")
+    save_model(model, path, opts.external_data is not False, counter_progress(progress, "writing weights"))
+    data = path.with_name(path.name + ".data")
+    info = {
+        "file": path.name,
+        "external_data": data.name if data.exists() else None,
+        "opset": opts.opset,
+        "nodes": len(model.graph),
+        "matmuls": sum(n.op_type == "MatMul" for n in model.graph),
+        "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
+    }
+    return spec, info, merge_info
 
 
 def _report(

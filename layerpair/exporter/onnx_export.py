@@ -70,7 +70,11 @@ def export_onnx(
             f"a single-file ONNX model cannot hold {size / 2**30:.1f} GiB of weights (protobuf's 2 GiB limit)",
             "drop --single-file: weights then go to model.onnx.data",
         )
-    dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dec.embed_tokens.dtype]
-    model = build_graph(dec, IOSpec.for_model(dec.arch, dec.pairs, dtype=dtype), opset, source)
-    save_model(model, path, external_data is not False, progress)
+    save_model(build_model(dec, opset, source), path, external_data is not False, progress)
     return onnx.load(str(path), load_external_data=False)
+
+
+def build_model(dec: Decoder, opset: int = DEFAULT_OPSET, source: Source | None = None) -> ir.Model:
+    """The unmerged graph of ``dec`` in its dtype, weights lazy (nothing is read until it is saved)."""
+    dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dec.embed_tokens.dtype]
+    return build_graph(dec, IOSpec.for_model(dec.arch, dec.pairs, dtype=dtype), opset, source)

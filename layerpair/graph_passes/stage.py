@@ -38,7 +38,14 @@ def merged_onnx_from_onnx(
         shutil.move(str(f), str(path.parent / f.name))
     staging.rmdir()
     size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    info: dict[str, Any] = {
+    info = merge_report(rep)
+    info["onnx"] = {"nodes": nodes, "matmuls": matmuls, "bytes": size}
+    return IOSpec.for_model(arch, pairs, merged=True, dtype=dtype), info
+
+
+def merge_report(rep: dict[str, Any]) -> dict[str, Any]:
+    """The report entries of a ``merge_pairs`` run (see ``merged_onnx_from_onnx``), without the file facts."""
+    return {
         "merged": True,
         "passes": rep["passes"],
         "pairs_merged": rep["pairs"],
@@ -48,9 +55,7 @@ def merged_onnx_from_onnx(
         "matmuls_after": rep["matmuls_after"],
         "parameters_check": rep["parameters"],
         "merge_seconds": rep["seconds"],
-        "onnx": {"nodes": nodes, "matmuls": matmuls, "bytes": size},
     }
-    return IOSpec.for_model(arch, pairs, merged=True, dtype=dtype), info
 
 
-__all__ = ["merged_onnx_from_onnx"]
+__all__ = ["merge_report", "merged_onnx_from_onnx"]
