@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from layerpair.deploy.check import SAME_RUN_KEY, write_atomic
+from layerpair.deploy.check import SAME_RUN_KEY, load_report, write_atomic
 from layerpair.deploy.generate import Export, export_from_dir, generator_from_export, read_report
 from layerpair.deploy.runtime import StepFn, time_decode
 from layerpair.errors import InputError, MissingDependencyError
@@ -248,7 +248,9 @@ def depth_limit(ours: Timed, ref: Timed) -> float:
     return (ref.num_layers - ref.num_pairs) / (ours.num_layers - ours.num_pairs)
 
 
-def results_from(models: Sequence[Timed], samples: dict[str, dict[str, list[float]]], batch: int) -> list[dict]:
+def results_from(
+    models: Sequence[Timed], samples: dict[str, dict[str, list[float]]], batch: int
+) -> list[dict[str, Any]]:
     """One row per metric: medians, IQR, per-round ratio (same round: slow drift cancels) beside the limit."""
     rows = []
     for metric in METRICS:
@@ -393,7 +395,13 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=64, help="decode tokens timed per round (default 64)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds after one warm-up round (default 5)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's own)")
-    p.add_argument("--json", type=Path, default=None, metavar="R.json", help="write here instead of OUT/report.json")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="R.json",
+        help="write the sections here instead of OUT/report.json (added to the file's object when it exists)",
+    )
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also plot decode time vs context length")
     p.add_argument("--plot-contexts", default="128,512,2048", help="context lengths for --plot (default 128,512,2048)")
     return p
@@ -412,6 +420,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         _positive(args.decode, "--decode", "64"),
         _positive(args.rounds, "--rounds", "5"),
     )
+
+
+def existing_json(path: Path) -> dict[str, Any]:
+    """--json adds its sections to an existing object (e.g. the ``eval --json`` file, so one ``check`` gates
+    accuracy and latency together) or starts a new one."""
+    return load_report(path, "--json file") if Path(path).exists() else {}
 
 
 def bench_cli(argv: Sequence[str]) -> int:
@@ -447,7 +461,7 @@ def bench_cli(argv: Sequence[str]) -> int:
         _say("no baseline timed: 'check' will compare against the BASELINE file's latency (another run)")
     # Written last and atomically: an interrupted bench (Ctrl-C) leaves the report as it was.
     target = args.json or export.directory / "report.json"
-    data = {} if args.json is not None else read_report(export.directory)
+    data = read_report(export.directory) if args.json is None else existing_json(args.json)
     write_atomic(target, json.dumps({**data, "latency": latency, "bench": details}, indent=2) + "\n")
     _say(f"latency written to {target}")
     return 0

@@ -99,6 +99,7 @@ def test_slowed_model_fails_the_gate_and_itself_passes(
     slowed_export: Path, tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     slow, same = tmp_path / "slow.json", tmp_path / "same.json"
+    same.write_text(json.dumps({"onnx": {"text": {"ppl_ratio": 1.0, "top1": 1.0}}}))  # an eval --json file
     assert main(["bench", str(slowed_export), "--baseline", str(tiny_export), "--json", str(slow), *FAST]) == 0
     assert main(["bench", str(tiny_export), "--baseline", str(tiny_export), "--json", str(same), *FAST]) == 0
     gate = ["--max-latency-ratio", str(GATE)]
@@ -106,7 +107,8 @@ def test_slowed_model_fails_the_gate_and_itself_passes(
     assert main(["check", str(slow), "--baseline", str(slow), *gate]) == 1
     assert "FAIL" in capsys.readouterr().out
     assert main(["check", str(same), "--baseline", str(same), *gate]) == 0
-    assert "latency decode_ms_per_token" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "latency decode_ms_per_token" in out and "top1_agreement" in out  # the eval figures were kept
     assert "latency" not in json.loads((tiny_export / "report.json").read_text())  # --json: report untouched
 
 
