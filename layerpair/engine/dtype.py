@@ -30,22 +30,13 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from layerpair.errors import InputError
 from layerpair.exporter.model import Decoder
 
-DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Normwise relative tolerance on logits and on the KV cache for 16-bit graphs (see module docstring).
-DTYPE_TOLERANCE: dict[str, float] = {"float16": 2e-2, "bfloat16": 8e-2}
+# The dtype tables and the 16-bit tolerance live with the typed-graph checks (exporter/precision.py), below this
+# package; re-exported here for the engine's callers.
+from layerpair.exporter.precision import DTYPE_TOLERANCE, TORCH_DTYPES, within_dtype_tolerance
 
-
-def dtype_from_flag(flag: str) -> str:
-    """``--dtype`` spelling -> I/O spec dtype name."""
-    if flag in DTYPES:
-        return DTYPES[flag]
-    if flag in DTYPES.values():
-        return flag
-    raise InputError(f"--dtype '{flag}' is not known", f"choose one of {', '.join(DTYPES)}")
+__all__ = ["DTYPE_TOLERANCE", "TORCH_DTYPES", "within_dtype_tolerance"]
 
 
 def typed_decoder(dec: Decoder, dtype: str) -> Decoder:
@@ -207,25 +198,6 @@ def fp32_islands(onnx_path: Path) -> dict[str, Any]:
         if dt != "float32":
             problems.append(f"{n.op_type} '{n.name}' reads {dt}")
     return {"ops": seen, "problems": problems}
-
-
-def within_dtype_tolerance(agreement: dict[str, Any], dtype: str, ref_cache_max: float, atol: float) -> list[str]:
-    """Failing checks for a typed graph against the fp32 reference (empty when within tolerance)."""
-    bad = []
-    rel = DTYPE_TOLERANCE.get(dtype)
-    for name, a in agreement.items():
-        if rel is None:
-            if not a.max_abs <= atol:
-                bad.append(f"{name}: logits max_abs {a.max_abs:.3g} > {atol:g}")
-            if not a.present_max_abs <= atol:
-                bad.append(f"{name}: KV cache max_abs {a.present_max_abs:.3g} > {atol:g}")
-            continue
-        if not a.max_rel <= rel:
-            bad.append(f"{name}: logits max_rel {a.max_rel:.3g} > {rel:g} ({dtype})")
-        cache_rel = a.present_max_abs / max(ref_cache_max, 1e-30)
-        if not cache_rel <= rel:
-            bad.append(f"{name}: KV cache max_abs/max|ref| {cache_rel:.3g} > {rel:g} ({dtype})")
-    return bad
 
 
 # ---- pipeline helpers ---------------------------------------------------------------------------------------
