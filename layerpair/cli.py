@@ -57,6 +57,28 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None, help="output directory (default: ./<model>-lp<pairs>)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    _add_layout_args(p)  # --external-data / --single-file
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help=f"validation tolerance, max abs on logits and cache (default {DEFAULT_ATOL:g})",
+    )
+    _add_validation_args(p)  # --validation, --window-gb
+    p.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="keep each pair as two parallel branches (default: merge each pair into one wide layer)",
+    )
+    add_engine_args(p)  # --dtype, --trt, --trt-backend, --max-batch/--max-seq/--max-context
+    from layerpair.evaluation.cli import add_selection_args
+
+    add_selection_args(p)  # --pairs auto (--max-ppl-increase, --target-depth, --plot), --heal
+    p.add_argument("--triton", type=Path, default=None, metavar="REPO", help="also write a Triton model repository")
+    return p
+
+
+def _add_layout_args(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group()
     data.add_argument(
         "--external-data",
@@ -71,12 +93,9 @@ def export_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="weights inside model.onnx (models under 2 GB; costs two transient copies of the weights)",
     )
-    p.add_argument(
-        "--atol",
-        type=float,
-        default=DEFAULT_ATOL,
-        help=f"validation tolerance, max abs on logits and cache (default {DEFAULT_ATOL:g})",
-    )
+
+
+def _add_validation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--validation",
         choices=("auto", "whole", "windowed"),
@@ -87,17 +106,6 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window-gb", type=float, default=1.0, help="windowed validation: fp32 weights per window (default 1)"
     )
-    p.add_argument(
-        "--no-merge",
-        action="store_true",
-        help="keep each pair as two parallel branches (default: merge each pair into one wide layer)",
-    )
-    add_engine_args(p)  # --dtype, --trt, --trt-backend, --max-batch/--max-seq/--max-context
-    from layerpair.evaluation.cli import add_selection_args
-
-    add_selection_args(p)  # --pairs auto (--max-ppl-increase, --target-depth, --plot), --heal
-    p.add_argument("--triton", type=Path, default=None, metavar="REPO", help="also write a Triton model repository")
-    return p
 
 
 def _default_output(model: str, pairs: str) -> Path:
