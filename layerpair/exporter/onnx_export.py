@@ -41,11 +41,14 @@ def save_model(
         with disk_full_as_output_error(str(path)):
             ir.save(model, str(path))
         return
-    total = len(model.graph.initializers)
+    # ir.save keeps tensors of <= 256 bytes (shape constants) inline; the callback sees the others.
+    total = sum(v.const_value is not None and v.const_value.nbytes > 256 for v in model.graph.initializers.values())
+    done = [0]
 
     def callback(tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+        done[0] += 1  # counted, not info.index: parallel writers report out of order
         if progress is not None:
-            progress(info.index + 1, total)
+            progress(done[0], total)
 
     with disk_full_as_output_error(f"{path} and its weights ({path.name}.data)"):
         ir.save(model, str(path), external_data=path.name + ".data", callback=callback)
