@@ -3,6 +3,8 @@
 Peak RSS per stage: ``ru_maxrss`` is the process's lifetime peak, exact but monotonic — when a stage raises it,
 that is the stage's peak. When it does not, the stage's own peak is below an earlier one and comes from a
 sampling thread (``/proc/self/statm`` every 20 ms; it can miss a spike shorter than that, never overstate).
+The earlier peak may not even be ours: Linux keeps ``ru_maxrss`` across ``execve``, so a CLI started by a 4 GB
+test runner begins with a 4 GB "peak"; the sampler is what measures such a run.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ class Meter:
         return {
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "peak_rss_mb_by_stage": {k: round(v, 1) for k, v in self.peaks.items()},
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            # Not ru_maxrss itself: Linux carries it across execve, so a process started from a large one (a test
+            # runner, a notebook) would report its parent's peak. The stages cover the whole job.
+            "peak_rss_mb": round(max(self.peaks.values(), default=rss_mb()), 1),
         }
 
 
