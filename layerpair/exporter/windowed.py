@@ -8,7 +8,7 @@ decoder, whose weights are read from the checkpoint for that window only and rel
 
     window 0:   input_ids ... -> embeddings -> blocks [0, k)   -> residual R_k   (+ presents of those layers)
     window j:   R_a (PyTorch's)  -> blocks [a, b)               -> residual R_b   (+ presents)
-    last:       R_m (PyTorch's)  -> blocks [m, L) -> norm, head -> logits         (+ presents)
+    head:       R_L (PyTorch's)  -> final norm, LM head        -> logits          (its own window: the largest)
 
 Every window gets PyTorch's input, so each window's error is its own (no accumulation hides a small bug or lets
 it grow into a false alarm). Steps: a prefill of the validation prompt, two decode steps and a 5-token chunk,
@@ -21,7 +21,8 @@ either runtime fails (numpy's max propagates NaN; comparisons are written ``not 
 
 Residual values are found structurally, not by name (the graph passes rename what they rewrite): a value read by
 an ``Add`` and by an RMSNorm (``Pow``, or ``Cast`` then ``Pow`` in 16-bit graphs) is the residual stream; in
-topological order they alternate x (block input) and h (after attention), two per block.
+topological order they alternate x (block input) and h (after attention), two per block, and the stream ends at
+the last norm's input (the final norm, read by no residual Add).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from layerpair.errors import ValidationError
 
 
 def residual_values(graph: onnx.GraphProto) -> list[str]:
-    """Names of the residual-stream values in topological order (x_0, h_0, x_1, h_1, ...)."""
+    """Names of the residual-stream values in topological order: x_0, h_0, x_1, h_1, ..., and last x_L, the
+    final norm's input."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
@@ -53,12 +55,15 @@ def residual_values(graph: onnx.GraphProto) -> list[str]:
                 return True
         return False
 
-    out = []
+    out, last_norm_input = [], None
     for n in graph.node:
         for o in n.output:
-            if any(c.op_type == "Add" for c in consumers.get(o, [])) and feeds_pow(o):
-                out.append(o)
-    return out
+            if feeds_pow(o):
+                last_norm_input = o
+                if any(c.op_type == "Add" for c in consumers.get(o, [])):
+                    out.append(o)
+    # the final norm's input ends the stream (read by the norm only, not by a residual Add)
+    return out + ([last_norm_input] if last_norm_input is not None and last_norm_input not in out else [])
 
 
 def window_model(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
@@ -277,13 +282,13 @@ def _open_window(
 ) -> tuple[_OrtWindow, Path]:
     import onnxruntime as ort
 
-    first, last = r.start == 0, r.stop == len(blocks)
+    # residual[2k] enters block k; residual[-1] (the final norm's input) enters the head
+    cut = [*residual[0::2], residual[-1]]
+    head = r.start == len(blocks)
     layers = {i for k in r for i in blocks[k]}
     slots = [s for s in spec.slots if s.layers[0] in layers]
-    ins = [] if first else [residual[2 * r.start]]
-    outs = (["logits"] if last else [residual[2 * r.stop]]) + [
-        n for s in slots for n in (s.present_key, s.present_value)
-    ]
+    ins = [] if r.start == 0 else [cut[r.start]]
+    outs = ["logits"] if head else [cut[r.stop], *(n for s in slots for n in (s.present_key, s.present_value))]
     wpath = save_window(window_model(proto, ins, outs), path.parent, str(r.start))
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -310,9 +315,9 @@ def validate_windowed(
     """Run every window of ``path`` against the PyTorch blocks; raise ValidationError on any failure."""
     proto = onnx.load(str(path), load_external_data=False)
     residual, blocks = residual_values(proto.graph), skeleton.blocks
-    if len(residual) != 2 * len(blocks):
+    if len(residual) != 2 * len(blocks) + 1:
         raise ValidationError(
-            f"found {len(residual)} residual-stream values in {path.name}, expected {2 * len(blocks)}",
+            f"found {len(residual)} residual-stream values in {path.name}, expected {2 * len(blocks) + 1}",
             "the graph's structure is not the exporter's; report this model as a bug",
         )
     steps = window_steps(tokens)
@@ -321,11 +326,12 @@ def validate_windowed(
     dt = np.float16 if spec.dtype == "float16" else np.float32
     cache = {n: np.zeros((1, s.num_kv_heads, 0, D), dt) for s in spec.slots for n in (s.past_key, s.past_value)}
     windows = []
-    for r in window_plan(blocks, block_bytes(skeleton), budget):
+    n = len(blocks)  # the head (final norm, LM head) is a window of its own: its weights can be the largest
+    for r in [*window_plan(blocks, block_bytes(skeleton), budget), range(n, n)]:
         w, wpath = _open_window(proto, path, residual, spec, blocks, r)
         try:
             x_in = list(torch_w.x)
-            ref = torch_w.run([blocks[k] for k in r], r.start == 0, r.stop == len(blocks))
+            ref = torch_w.run([blocks[k] for k in r], r.start == 0, r.start == n)
             err = WindowError((r.start, r.stop), logits_normwise=spec.dtype != "float32")
             for k, st in enumerate(steps):
                 _compare_window(err, w, st, w.step(st, None if r.start == 0 else x_in[k], cache), ref[k], atol)
@@ -333,7 +339,8 @@ def validate_windowed(
             del w
             wpath.unlink(missing_ok=True)
         windows.append(err)
-        say(f"window: blocks {r.start}-{r.stop - 1} of {len(blocks)}: {err.summary()}")
+        where = "head (final norm, LM head)" if r.start == n else f"blocks {r.start}-{r.stop - 1} of {n}"
+        say(f"window: {where}: {err.summary()}")
     bad = [f for e in windows for f in e.failures]
     if bad:
         raise ValidationError("window validation failed: " + "; ".join(bad[:4]), "nothing was written; report it")

@@ -33,7 +33,7 @@ def test_windowed_export_through_the_cli(arch: str, tiny_checkpoints: dict[str, 
     # merged in memory and written once (disk): the merged graph, the one shipped, is what is validated
     assert set(report["validation"]) == {"merged"} and report["passes"]["merge_attention"] == 1
     windows = report["validation"]["merged"]["windows"]
-    assert len(windows) == 3 and all(w["passed"] for w in windows)  # blocks 0, (1,2), 3: one per window
+    assert len(windows) == 4 and all(w["passed"] for w in windows)  # blocks 0, (1,2), 3 and the head
     assert windows[-1]["logits_max_abs"] <= 1e-4 and all(w["cache_max_abs"] <= 1e-4 for w in windows)
 
 
@@ -68,13 +68,15 @@ def test_a_wrong_weight_fails_its_window(tmp_path: Path, value: float, needle: s
     with pytest.raises(ValidationError, match=needle) as e:
         validate_windowed(path, skel.io, skel, source, TOKENS, 1e-4, 1, lambda m: None)
     assert "blocks (2, 3)" in str(e.value)  # block 2 is layer 3 (blocks: 0, (1,2), 3), and only that window
+    assert "blocks (3, 3)" not in str(e.value)  # the head window reads PyTorch's input: it still passes
 
 
 def test_residual_stream_found_before_and_after_merging(tmp_path: Path) -> None:
     path, skel, _ = _export(tmp_path)
-    assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == 2 * len(skel.blocks)
+    n = 2 * len(skel.blocks) + 1  # x and h per block, then the final norm's input
+    assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == n
     merged_onnx_from_onnx(path, skel.arch, [(1, 2)])
-    assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == 2 * len(skel.blocks)
+    assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == n
 
 
 def test_windowed_16_bit(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
