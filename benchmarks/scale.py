@@ -147,8 +147,10 @@ def _flush(shard: dict[str, Any], d: Path, k: int, weight_map: dict[str, str], s
 
 
 def _patch_rope_theta(path: Path) -> None:
-    """The genai builder reads a top-level ``rope_theta`` (transformers 5 writes only ``rope_parameters``)."""
+    """The genai builder reads a top-level ``rope_theta`` (transformers 5 writes only ``rope_parameters``) and
+    ``architectures`` (a config saved on its own has none)."""
     cfg = json.loads(path.read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"]
     cfg["rope_scaling"] = {k: v for k, v in cfg["rope_parameters"].items() if k != "rope_theta"}
     path.write_text(json.dumps(cfg, indent=2) + "\n")
@@ -215,8 +217,22 @@ def measure(tool: str, cmd: list[str], log: Path, limit_mb: float, say: Any) -> 
     return {**rec, "status": "ok"}
 
 
+def add_tokenizer(dest: Path, say: Any) -> None:
+    """The genai builder refuses a checkpoint without a tokenizer: give each random checkpoint SmolLM2's (from
+    the embedded model; the vocabulary size may differ — only the export is measured, no text is generated)."""
+    if (dest / "tokenizer.json").is_file():
+        return
+    from layerpair.exporter.loading import load_checkpoint
+
+    tok = load_checkpoint("smollm2-135m").tokenizer
+    tok.save_pretrained(str(dest))
+    say(f"added SmolLM2's tokenizer to {dest}")
+
+
 def run_shape(shape: str, args: argparse.Namespace, say: Any) -> list[dict[str, Any]]:
     ck = make_checkpoint(shape, args.cache / shape, say)
+    add_tokenizer(Path(ck["path"]), say)
+    _patch_rope_theta(Path(ck["path"]) / "config.json")  # idempotent; older cached checkpoints lack keys
     rows = []
     with tempfile.TemporaryDirectory(prefix="scale-", dir=args.work) as tmp:
         cmds = commands(Path(ck["path"]), ck["pairs"], Path(tmp), args.genai_venv)
