@@ -102,13 +102,18 @@ def onnx_section(dec: Decoder, path: Path, opts: ExportOptions, say: Progress, s
     say(f"writing ONNX (opset {opts.opset}, pairs {pairs})")
     progress = counter_progress(say, "writing weights")
     proto = export_onnx(dec, path, opts.opset, opts.external_data, progress, source)
+    return onnx_file_facts(path, opts.opset, [n.op_type for n in proto.graph.node])
+
+
+def onnx_file_facts(path: Path, opset: int, op_types: list[str]) -> dict[str, Any]:
+    """The report's ``onnx`` section for a written ``path`` (and its ``.data`` file, if any)."""
     data = path.with_name(path.name + ".data")
     return {
         "file": path.name,
         "external_data": data.name if data.exists() else None,
-        "opset": opts.opset,
-        "nodes": len(proto.graph.node),
-        "matmuls": sum(n.op_type == "MatMul" for n in proto.graph.node),
+        "opset": opset,
+        "nodes": len(op_types),
+        "matmuls": op_types.count("MatMul"),
         "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
     }
 
@@ -311,16 +316,7 @@ def _write_merged(
         spec, merge_info = IOSpec.for_model(dec.arch, dec.pairs, merged=True, dtype=opts.dtype), merge_report(rep)
     progress(f"writing ONNX (opset {opts.opset}, pairs {list(map(list, dec.pairs)) or 'none'})")
     save_model(model, path, opts.external_data is not False, counter_progress(progress, "writing weights"))
-    data = path.with_name(path.name + ".data")
-    info = {
-        "file": path.name,
-        "external_data": data.name if data.exists() else None,
-        "opset": opts.opset,
-        "nodes": len(model.graph),
-        "matmuls": sum(n.op_type == "MatMul" for n in model.graph),
-        "bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
-    }
-    return spec, info, merge_info
+    return spec, onnx_file_facts(path, opts.opset, [n.op_type for n in model.graph]), merge_info
 
 
 def _report(

@@ -294,6 +294,11 @@ class Decoder(nn.Module):
 
         return source
 
+    def set_parameter(self, name: str, t: Tensor) -> None:
+        """Replace parameter ``name`` (dotted, as ``named_parameters`` spells it) by ``t``, frozen."""
+        mod, _, attr = name.rpartition(".")
+        setattr(self.get_submodule(mod) if mod else self, attr, nn.Parameter(t, requires_grad=False))
+
     @classmethod
     def from_weights(
         cls, reader: WeightReader, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = (), progress: Any = None
@@ -306,8 +311,7 @@ class Decoder(nn.Module):
         source = dec.weight_source(reader)
         names = list(dec.hf_names())
         for k, ours in enumerate(names):
-            mod, _, attr = ours.rpartition(".")
-            setattr(dec.get_submodule(mod) if mod else dec, attr, nn.Parameter(source(ours), requires_grad=False))
+            dec.set_parameter(ours, source(ours))
             if progress is not None:
                 progress(k + 1, len(names))
         return dec

@@ -28,16 +28,18 @@ DEFAULT_OPSET = 20
 TWO_GB = 2**31
 
 
-def weight_bytes(dec: Decoder) -> int:
-    return sum(p.numel() * p.element_size() for p in dec.parameters())
-
-
 def save_model(
     model: ir.Model, path: Path, external_data: bool, progress: Callable[[int, int], None] | None = None
 ) -> None:
     """Write ``model`` to ``path`` (weights to ``<name>.data`` when ``external_data``), one tensor at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not external_data:
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        if size >= TWO_GB:  # checked here, where every writer passes (export, and the windowed in-memory merge)
+            raise InputError(
+                f"a single-file ONNX model cannot hold {size / 2**30:.1f} GiB of weights (protobuf's 2 GiB limit)",
+                "drop --single-file: weights then go to model.onnx.data",
+            )
         with disk_full_as_output_error(str(path)):
             ir.save(model, str(path))
         return
@@ -67,12 +69,6 @@ def export_onnx(
     ``dec`` may be a skeleton (``Decoder.skeleton``, meta tensors) with ``source`` reading each weight from the
     checkpoint as it is written: the export then never holds more than one tensor of the model.
     """
-    size = weight_bytes(dec)
-    if external_data is False and size >= TWO_GB:
-        raise InputError(
-            f"a single-file ONNX model cannot hold {size / 2**30:.1f} GiB of weights (protobuf's 2 GiB limit)",
-            "drop --single-file: weights then go to model.onnx.data",
-        )
     save_model(build_model(dec, opset, source), path, external_data is not False, progress)
     return onnx.load(str(path), load_external_data=False)
 

@@ -40,7 +40,7 @@ VALIDATION_TEXT = (
 SHORT_TEXT = "Rain is expected across the coast tomorrow afternoon."
 
 
-def _worse(new: float, old: float) -> bool:
+def worse(new: float, old: float) -> bool:
     """``new`` is a worse error than ``old``: NaN is the worst, then the larger value (inf included)."""
     if math.isnan(old):
         return False
@@ -78,7 +78,7 @@ class Agreement:
             err = float(diff.flat[idx])
             ref_max = float(np.max(np.abs(r)))  # NaN-propagating, unlike Python's max()
             rel = err / max(ref_max, 1e-30) if math.isfinite(ref_max) else math.nan  # then err is too
-            if _worse(err, self.max_abs):
+            if worse(err, self.max_abs):
                 self.max_abs = err
                 row, col = divmod(idx, o.shape[-1])
                 b, s = (int(i) for i in np.argwhere(valid)[row])
@@ -87,7 +87,7 @@ class Agreement:
                     f"logits, {where}, batch {b} position {p} vocab {col} "
                     f"(ours {_value(float(o[row, col]))}, reference {_value(float(r[row, col]))})"
                 )
-            if _worse(rel, self.max_rel):
+            if worse(rel, self.max_rel):
                 self.max_rel = rel
             self._agree += int((o.argmax(-1) == r.argmax(-1)).sum())
         self.top1 = self._agree / max(self.positions, 1)
@@ -102,7 +102,7 @@ class Agreement:
             diff = np.abs(o.astype(np.float64) - r.astype(np.float64))
             idx = int(np.argmax(diff))
             err = float(diff.flat[idx])
-            if _worse(err, self.present_max_abs):
+            if worse(err, self.present_max_abs):
                 self.present_max_abs = err
                 b, h, t, _ = np.unravel_index(idx, diff.shape)
                 name = names[i] if names else f"KV cache of layer {i // 2} ({('key', 'value')[i % 2]})"
@@ -140,6 +140,18 @@ class TorchRunner(Runner):
         return out[0].float().numpy(), [t.numpy() for t in out[1:]]
 
 
+def ort_session(path: Path | str, threads: int | None = None, prepack: bool = True) -> Any:
+    """An ONNX Runtime CPU session; ``prepack=False`` reads weights in place (see ``OrtRunner``)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.log_severity_level = 3
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 class OrtRunner(Runner):
     """ONNX Runtime CPU session. ``prepack=False`` (validation): weights are read in place from the memory-mapped
     ``model.onnx.data`` instead of being copied into packed GEMM layouts — a Llama-3.2-1B session then starts in
@@ -147,14 +159,7 @@ class OrtRunner(Runner):
     need the packed kernels' speed."""
 
     def __init__(self, path: Path | str, spec: IOSpec, threads: int | None = None, prepack: bool = True) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or torch.get_num_threads()
-        so.log_severity_level = 3
-        if not prepack:
-            so.add_session_config_entry("session.disable_prepacking", "1")
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads, prepack)
         self.spec = spec
 
     def step(

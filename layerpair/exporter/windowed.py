@@ -27,7 +27,6 @@ the last norm's input (the final norm, read by no residual Add).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import numpy as np
 import onnx
 
 from layerpair.errors import ValidationError
+from layerpair.exporter.validate import ort_session, worse
 
 
 def residual_values(graph: onnx.GraphProto) -> list[str]:
@@ -118,12 +118,14 @@ class WindowError:
         err = float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64)))) if ours.size else 0.0
         scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
         if what == "logits":
-            self.logits_max_abs = _worst(err, self.logits_max_abs or 0.0)
+            self.logits_max_abs = err if worse(err, self.logits_max_abs or 0.0) else self.logits_max_abs
             scale = scale if self.logits_normwise else 1.0
         elif what == "hidden":
-            self.hidden_max_abs, self.hidden_ref_max = _worst(err, self.hidden_max_abs), max(self.hidden_ref_max, scale)
+            self.hidden_max_abs = err if worse(err, self.hidden_max_abs) else self.hidden_max_abs
+            self.hidden_ref_max = max(self.hidden_ref_max, scale)
         else:
-            self.cache_max_abs, self.cache_ref_max = _worst(err, self.cache_max_abs), max(self.cache_ref_max, scale)
+            self.cache_max_abs = err if worse(err, self.cache_max_abs) else self.cache_max_abs
+            self.cache_ref_max = max(self.cache_ref_max, scale)
         if not err <= atol * scale:
             self.failures.append(f"blocks {self.blocks}: {what} ({step}) max_abs {err:.3g} > {atol * scale:.3g}")
         return err
@@ -134,13 +136,6 @@ class WindowError:
     def summary(self) -> str:
         out = f"hidden max_abs {self.hidden_max_abs:.2e}, cache {self.cache_max_abs:.2e}"
         return out + (f", logits {self.logits_max_abs:.2e}" if self.logits_max_abs is not None else "")
-
-
-def _worst(new: float, old: float) -> float:
-    """NaN is the worst error, then the larger one."""
-    if math.isnan(old):
-        return old
-    return new if math.isnan(new) or new > old else old
 
 
 def window_plan(blocks: Sequence[Sequence[int]], block_bytes: Sequence[int], budget_bytes: int) -> list[range]:
@@ -215,14 +210,11 @@ class TorchWindows:
 
     def _set(self, names: Sequence[str], real: bool) -> None:
         import torch
-        from torch import nn
 
+        params = dict(self.dec.named_parameters())
         for n in names:
-            mod, _, attr = n.rpartition(".")
-            owner = self.dec.get_submodule(mod) if mod else self.dec
-            old = getattr(owner, attr)
-            t = self.source(n) if real else torch.empty(old.shape, dtype=old.dtype, device="meta")
-            setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+            old = params[n]
+            self.dec.set_parameter(n, self.source(n) if real else torch.empty_like(old, device="meta"))
 
     def run(self, blocks: Sequence[Sequence[int]], first: bool, last: bool) -> list[tuple[Any, dict[int, Any]]]:
         """(window output per step — residual, or logits for the last window —, presents per layer)."""
@@ -280,8 +272,6 @@ class _OrtWindow:
 def _open_window(
     proto: onnx.ModelProto, path: Path, residual: list[str], spec: Any, blocks: Sequence[Sequence[int]], r: range
 ) -> tuple[_OrtWindow, Path]:
-    import onnxruntime as ort
-
     # residual[2k] enters block k; residual[-1] (the final norm's input) enters the head
     cut = [*residual[0::2], residual[-1]]
     head = r.start == len(blocks)
@@ -290,10 +280,7 @@ def _open_window(
     ins = [] if r.start == 0 else [cut[r.start]]
     outs = ["logits"] if head else [cut[r.stop], *(n for s in slots for n in (s.present_key, s.present_value))]
     wpath = save_window(window_model(proto, ins, outs), path.parent, str(r.start))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_prepacking", "1")  # read weights in place (see validate.py)
-    return _OrtWindow(ort.InferenceSession(str(wpath), so, providers=["CPUExecutionProvider"]), ins, outs, slots), wpath
+    return _OrtWindow(ort_session(wpath, prepack=False), ins, outs, slots), wpath
 
 
 def _compare_window(
