@@ -69,3 +69,58 @@ def test_the_check_catches_an_upward_import(tmp_path: Path, monkeypatch: pytest.
     (fake / "exporter" / "bad.py").write_text("def f():\n    from layerpair.pipeline import run_export\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert _violations() == ["exporter/bad.py (layer 1) imports layerpair.pipeline (layer 5)"]
+
+
+# ---- evaluation/ builds upward: data -> forward -> metrics -> search/heal -> selection/study/cli ----------------
+
+
+def _evaluation_graph(package: Path) -> dict[str, set[str]]:
+    """module -> the evaluation modules it imports, at module level or inside a function. ``from
+    layerpair.evaluation import data`` counts as an import of ``data``."""
+    ev = package / "evaluation"
+    mods = {f.stem for f in ev.glob("*.py")} - {"__init__"}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m in mods:
+        for node in ast.walk(ast.parse((ev / f"{m}.py").read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module == "layerpair.evaluation":
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("layerpair.evaluation."):
+                names = [(node.module or "").split(".")[2]]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[2] for a in node.names if a.name.startswith("layerpair.evaluation.")]
+            graph[m] |= {n for n in names if n in mods and n != m}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle, each once, as the path that closes it (depth-first search over the graph)."""
+    found: list[list[str]] = []
+
+    def walk(path: list[str]) -> None:
+        for nxt in sorted(graph[path[-1]]):
+            if nxt == path[0]:
+                found.append([*path, nxt])
+            elif nxt not in path and nxt > path[0]:  # start each cycle at its smallest module: no repeats
+                walk([*path, nxt])
+
+    for start in sorted(graph):
+        walk([start])
+    return found
+
+
+def test_no_import_cycle_inside_evaluation() -> None:
+    assert _cycles(_evaluation_graph(PACKAGE)) == []
+
+
+def test_the_cycle_check_catches_a_deferred_cycle(tmp_path: Path) -> None:
+    """Feed it a wrong answer once: the old layout (hfdata -> metrics -> text -> hfdata, text's import deferred
+    into a function and written as ``from layerpair.evaluation import hfdata``) is reported."""
+    ev = tmp_path / "layerpair" / "evaluation"
+    ev.mkdir(parents=True)
+    (ev / "__init__.py").write_text("")
+    (ev / "hfdata.py").write_text("from layerpair.evaluation.metrics import MCItem\n")
+    (ev / "metrics.py").write_text("from layerpair.evaluation.text import Encode\n")
+    (ev / "text.py").write_text("def f():\n    from layerpair.evaluation import hfdata\n")
+    (ev / "cli.py").write_text("import layerpair.evaluation.text\n")
+    assert _cycles(_evaluation_graph(tmp_path / "layerpair")) == [["hfdata", "metrics", "text", "hfdata"]]

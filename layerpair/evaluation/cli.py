@@ -24,18 +24,25 @@ import numpy as np
 import torch
 
 from layerpair.errors import InputError, OutputError, ValidationError
+from layerpair.evaluation.data import (
+    DEFAULT_WINDOW,
+    MCItem,
+    check_text_arg,
+    encoder,
+    read_mc_arg,
+    text_from_arg,
+    windows_from_tokens,
+)
 from layerpair.evaluation.metrics import (
     DEFAULT_BATCH,
-    MCItem,
     OnnxBackend,
     TorchBackend,
     mc_metrics,
     onnx_disagreement,
     ppl_rel_diff,
-    read_mc,
 )
 from layerpair.evaluation.metrics import text_metrics_many as compute_text_metrics_many
-from layerpair.evaluation.text import DEFAULT_WINDOW, check_text_arg, encoder, text_from_arg, windows_from_tokens
+from layerpair.evaluation.selection import check_selection_args, select_pairs
 
 DEFAULT_TOKENS = 8192
 DEFAULT_CALIB_TOKENS = 2048
@@ -97,7 +104,6 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _check_args(a: argparse.Namespace) -> None:
     """Everything that can be checked before the model is loaded."""
-    from layerpair.evaluation.selection import check_selection_args
     from layerpair.exporter.pairs import parse_pairs
 
     for name in ("tokens", "window", "batch", "calib_tokens", "heal_tokens"):
@@ -117,16 +123,6 @@ def _check_args(a: argparse.Namespace) -> None:
         raise OutputError(f"cannot write '{a.json}'", "choose a writable --json location")
 
 
-def read_mc_arg(arg: str) -> list[MCItem]:
-    """``--mc``: a JSONL file or ``hf:PATH[:CONFIG]:SPLIT``."""
-    from layerpair.evaluation import hfdata
-
-    if hfdata.is_hf(arg):
-        spec = hfdata.parse_spec(arg)
-        return hfdata.mc_from_rows(hfdata.load_rows(spec), spec)
-    return read_mc(Path(arg))
-
-
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / float(np.maximum(abs(b), 1e-30))  # NaN-propagating (Python's max(nan, x) may drop it)
 
@@ -139,7 +135,6 @@ def run_eval_cli(argv: Sequence[str]) -> int:
     mc_items: list[MCItem] | None = read_mc_arg(a.mc) if a.mc else None
     text = text_from_arg(a.text, a.text_field)  # empty / unreadable text fails before the model loads
 
-    from layerpair.evaluation.selection import select_pairs
     from layerpair.exporter.loading import load_checkpoint
 
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ import torch
 
 from layerpair.errors import InputError
 from layerpair.evaluation.metrics import LogitsBackend, OnnxBackend, TorchBackend, continuation_logprobs
+from layerpair.evaluation.selection import with_pairs
 
 try:
     from lm_eval import utils as lm_utils
@@ -51,7 +52,6 @@ class LayerpairLM(TemplateLM):  # type: ignore[misc]
         **_: Any,
     ) -> None:
         super().__init__()
-        from layerpair.evaluation.selection import with_pairs
         from layerpair.exporter.loading import load_checkpoint
         from layerpair.exporter.pairs import parse_pairs
 

@@ -17,7 +17,6 @@ score is the summed log-likelihood of the continuation tokens. ``acc``: the argm
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerpair.errors import InputError
+from layerpair.evaluation.data import Encode, MCItem
 from layerpair.evaluation.forward import hidden_until, logits_from_hidden, logits_from_ids, window_context
-from layerpair.evaluation.text import Encode
 from layerpair.exporter.model import Decoder
 
 DEFAULT_BATCH = 4
@@ -233,13 +232,6 @@ def nll_of_logits(logits: Tensor, ids: Tensor) -> float:
 
 
 @dataclass
-class MCItem:
-    question: str
-    choices: list[str]
-    answer: int
-
-
-@dataclass
 class MCMetrics:
     acc: float
     acc_norm: float
@@ -254,48 +246,6 @@ class MCMetrics:
             for k in ("predictions", "predictions_norm", "loglikelihoods"):
                 d.pop(k)
         return d
-
-
-def _bad_jsonl(path: Path, line: int, problem: str) -> InputError:
-    return InputError(
-        f"{path}:{line}: {problem}",
-        'each line must be a JSON object {"question": str, "choices": [str, ...], "answer": index or choice}',
-    )
-
-
-def read_mc(path: Path) -> list[MCItem]:
-    """Read a multiple-choice JSONL file; blank lines are skipped; the answer is an index or one of the choices."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read '{path}' ({type(e).__name__})", "pass a readable UTF-8 .jsonl file") from None
-    items: list[MCItem] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _bad_jsonl(path, n, f"not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise _bad_jsonl(path, n, "not a JSON object")
-        q, ch, ans = obj.get("question"), obj.get("choices"), obj.get("answer")
-        if not isinstance(q, str) or not q.strip():
-            raise _bad_jsonl(path, n, "'question' must be a non-empty string")
-        if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
-            raise _bad_jsonl(path, n, "'choices' must be a list of at least 2 non-empty strings")
-        if isinstance(ans, bool) or not isinstance(ans, int | str):
-            raise _bad_jsonl(path, n, "'answer' must be a choice index or the text of a choice")
-        if isinstance(ans, str):
-            if ans not in ch:
-                raise _bad_jsonl(path, n, f"'answer' {ans!r} is not one of the choices")
-            ans = ch.index(ans)
-        if not 0 <= ans < len(ch):
-            raise _bad_jsonl(path, n, f"'answer' index {ans} is out of range for {len(ch)} choices")
-        items.append(MCItem(q, list(ch), ans))
-    if not items:
-        raise InputError(f"'{path}' has no items", "add at least one JSON line with question, choices and answer")
-    return items
 
 
 def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from layerpair.errors import InputError
-from layerpair.evaluation.text import DEFAULT_WINDOW, check_text_arg, windows_from_tokens
+from layerpair.evaluation.data import DEFAULT_WINDOW, check_text_arg, encoder, text_from_arg, windows_from_tokens
+from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
+from layerpair.evaluation.search import auto_pairs, parse_budget, save_frontier_plot
 from layerpair.exporter.model import Decoder
 
 Pairs = tuple[tuple[int, int], ...]
@@ -58,8 +60,6 @@ def select_pairs(
     progress: Callable[[str], None] | None = None,
 ) -> Selection:
     """Resolve ``a.pairs`` (explicit or ``auto``) and ``a.heal`` against the original-weights ``dec0``."""
-    from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
-    from layerpair.evaluation.search import auto_pairs, parse_budget, save_frontier_plot
     from layerpair.exporter.pairs import parse_pairs
 
     say = progress or (lambda msg: None)
@@ -111,8 +111,6 @@ def heal_windows(
 
 def check_selection_args(a: argparse.Namespace) -> bool:
     """Validate the ``--pairs auto`` / ``--heal`` flags before anything loads; True when either is in use."""
-    from layerpair.evaluation.search import parse_budget
-
     auto = a.pairs.strip().lower() == "auto"
     if auto:
         if a.max_ppl_increase is None and a.target_depth is None:
@@ -141,8 +139,6 @@ def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, di
         return None
 
     def decoder_for(ckpt: Any) -> tuple[Decoder, dict[str, Any]]:
-        from layerpair.evaluation.text import encoder, text_from_arg
-
         if ckpt.tokenizer is None:
             raise InputError("--pairs auto / --heal need the model's tokenizer", "use a checkpoint that ships one")
         dec0 = ckpt.decoder(())

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
+from layerpair.evaluation.data import default_text, encoder, windows_from_tokens
 from layerpair.evaluation.heal import heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics
 from layerpair.evaluation.search import _Scorer, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
-from layerpair.evaluation.text import default_text, encoder, windows_from_tokens
 from layerpair.exporter.model import Decoder
 
 

@@ -103,7 +103,7 @@ def test_export_pairs_auto_heal_records_choice(
     # --heal defaults to 16384 calibration tokens, capped to the whole (short) calibration text in windows of 512
     from transformers import AutoTokenizer
 
-    from layerpair.evaluation.text import encoder
+    from layerpair.evaluation.data import encoder
 
     n = len(encoder(AutoTokenizer.from_pretrained(tiny_checkpoint_with_tokenizer))(text_file.read_text()))
     assert n < 16384 and r["heal"]["calib_tokens"] == 512 * (n // 512)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from layerpair.errors import InputError
+from layerpair.evaluation.data import MCItem
 from layerpair.evaluation.heal import heal_pairs
-from layerpair.evaluation.metrics import MCItem, OnnxBackend, TorchBackend, mc_metrics, text_metrics
+from layerpair.evaluation.metrics import OnnxBackend, TorchBackend, mc_metrics, text_metrics
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import export_onnx
 from layerpair.exporter.validate import OrtRunner, TorchRunner, compare_runners, within_tolerance

@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 
 from layerpair.errors import InputError
-from layerpair.evaluation import hfdata
-from layerpair.evaluation.cli import read_mc_arg
-from layerpair.evaluation.text import check_text_arg, text_from_arg
+from layerpair.evaluation.data import HFSpec, check_text_arg, parse_spec, read_mc_arg, text_from_arg
 
 pytest.importorskip("datasets", reason="the 'datasets' package is part of the eval extra")
 
@@ -24,13 +22,11 @@ def _jsonl_dir(root: Path, rows: list[dict[str, Any]], split: str = "test") -> P
 
 
 def test_spec_parsing() -> None:
-    assert hfdata.parse_spec("hf:wikitext:wikitext-2-raw-v1:test") == hfdata.HFSpec(
-        "wikitext", "wikitext-2-raw-v1", "test"
-    )
-    assert hfdata.parse_spec("hf:allenai/ai2_arc:test") == hfdata.HFSpec("allenai/ai2_arc", None, "test")
+    assert parse_spec("hf:wikitext:wikitext-2-raw-v1:test") == HFSpec("wikitext", "wikitext-2-raw-v1", "test")
+    assert parse_spec("hf:allenai/ai2_arc:test") == HFSpec("allenai/ai2_arc", None, "test")
     for bad in ("hf:onlypath", "hf:a:b:c:d", "hf::test"):
         with pytest.raises(InputError, match="not a dataset spec"):
-            hfdata.parse_spec(bad)
+            parse_spec(bad)
         with pytest.raises(InputError, match="not a dataset spec"):
             check_text_arg(bad, "--text")
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from layerpair.evaluation.metrics import MCItem, TorchBackend, mc_metrics
+from layerpair.evaluation.data import MCItem
+from layerpair.evaluation.metrics import TorchBackend, mc_metrics
 
 _LM_EVAL = os.environ.get("LAYERPAIR_LM_EVAL_DIR")
 if _LM_EVAL and _LM_EVAL not in sys.path:

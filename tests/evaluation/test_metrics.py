@@ -13,18 +13,16 @@ import torch
 from torch import Tensor
 
 from layerpair.errors import InputError
+from layerpair.evaluation.data import MCItem, default_text, read_mc, split_held_out, windows_from_tokens
 from layerpair.evaluation.forward import logits_from_ids
 from layerpair.evaluation.metrics import (
-    MCItem,
     TorchBackend,
     encode_pair,
     mc_metrics,
     onnx_disagreement,
-    read_mc,
     text_metrics,
     text_metrics_many,
 )
-from layerpair.evaluation.text import default_text, split_held_out, windows_from_tokens
 from layerpair.exporter.model import Decoder
 
 V = 16

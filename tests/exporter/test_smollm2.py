@@ -30,7 +30,7 @@ def test_main_job_report(smollm2_lp_export: Path) -> None:
 def test_gguf_fp32_cache_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second load of the embedded GGUF reads the cached fp32 copy: same architecture, bit-identical
     weights, same tokenizer (ids, chat template, EOS)."""
-    from layerpair.evaluation.text import default_text
+    from layerpair.evaluation.data import default_text
     from layerpair.exporter.loading import gguf_cache_dir, load_checkpoint, resolve_source
 
     monkeypatch.setenv("LAYERPAIR_CACHE_DIR", str(tmp_path))
