@@ -8,18 +8,22 @@ import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from benchmarks.common import latency_limit, machine, now_utc, write_json
 from benchmarks.perf_model import cpu_check, micro
-from benchmarks.perf_model.costs import graph_costs, totals
+from benchmarks.perf_model.costs import Cost, graph_costs, totals
 from benchmarks.perf_model.devices import GPUS, cpu_device
+from benchmarks.perf_model.engine import SOURCE_ORT, EngineCosts, engine_kernels
 from benchmarks.perf_model.genai import genai_model
-from benchmarks.perf_model.graph import Node, load_graph, optimized_model
+from benchmarks.perf_model.graph import load_graph, optimized_model
 from benchmarks.perf_model.measure import decode_timer, measure_rounds
 from benchmarks.perf_model.predict import step_time
-from benchmarks.perf_model.report import README_CONTEXT, markdown, plot
+from benchmarks.perf_model.report import README_CONTEXT, markdown, plot, write_readme
 from benchmarks.perf_model.sweeps import single_gpu, tp2_rows
 from benchmarks.perf_model.units import layer_split
 
@@ -43,8 +47,16 @@ PAPER: dict[str, Any] = {
     ],
 }
 
+KernelCosts = Callable[[int, int], Sequence[Cost]]  # (batch, past) -> per-kernel costs of one decode step
+ORT_KERNELS = (
+    "GPU kernels = nodes of ONNX Runtime's CPU-optimized graph minus alias/shape ops (no TensorRT / CUDA EP fusion)"
+)
+ENGINE_KERNELS = (
+    "GPU kernels = the TensorRT engine's layers in its decode profile (source per model in kernel_source), each "
+    "costed as one fused kernel from the ONNX nodes its metadata names"
+)
 ASSUMPTIONS = [
-    "GPU kernels = nodes of ONNX Runtime's CPU-optimized graph minus alias/shape ops (no TensorRT / CUDA EP fusion)",
+    ORT_KERNELS,
     "GPU bytes = the fp32 graph's bytes x 0.5 (bf16 weights, activations and KV cache)",
     "GPU bandwidth and peak = datasheet figures (no efficiency factor): predicted times are lower bounds",
     "GPU per-kernel cost 5 us eager, 1.5 us in a CUDA graph: assumed, not measured",
@@ -68,6 +80,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "ort"),
+        default="auto",
+        help="GPU kernel list: auto = the TensorRT engine's layers where an export has model.plan "
+        "(layerpair-export --trt), else ONNX Runtime's optimized graph; ort = always the graph",
+    )
+    p.add_argument(
+        "--readme",
+        action="store_true",
+        help="only regenerate README.md's prediction table from OUT/perf_model.json (no measurement)",
+    )
     return p.parse_args(argv)
 
 
@@ -108,10 +132,43 @@ def load_models(a: argparse.Namespace, say: Callable[[str], None]) -> tuple[dict
     return models, facts
 
 
-def pairs_sweep(orig: Sequence[Node], lp: Sequence[Node], layers: int, pairs: int) -> list[dict[str, Any]]:
+def gpu_kernel_lists(
+    a: argparse.Namespace, models: dict[str, Any], say: Callable[[str], None]
+) -> tuple[dict[str, KernelCosts], dict[str, Any]]:
+    """Per export (original, LP): the GPU kernel list's cost function and where the list came from."""
+    fns: dict[str, KernelCosts] = {}
+    info: dict[str, Any] = {}
+    for name, d in (("original", a.orig), ("lp", a.lp)):
+        nodes = models[name][2]
+        ort_fn: KernelCosts = partial(graph_costs, nodes)
+        ek = engine_kernels(d, say) if a.kernels == "auto" else None
+        if ek is None or not ek.layers:
+            fns[name] = ort_fn
+            why = "no model.plan in the export" if ek is None else "; ".join(ek.notes)
+            if a.kernels == "ort":
+                why = "--kernels ort"
+            info[name] = {"source": SOURCE_ORT, "why": why, "ort_counts_at_readme_context": None}
+            continue
+        onnx_path = models[name][0]
+        say(f"{name}: shapes of model.onnx's own nodes (the ONNX nodes the engine layers name)")
+        raw = load_graph(onnx_path, a.threads, models[name][1])
+        outs = [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
+        ec = EngineCosts(ek, raw, outs)
+        fns[name] = ec.costs
+        info[name] = {
+            **ek.to_json(),
+            "coverage_at_readme_context": ec.coverage(1, README_CONTEXT),
+            "engine_totals_at_readme_context": totals(ec.costs(1, README_CONTEXT)).to_json(),
+        }
+    for name in fns:
+        info[name]["ort_counts_at_readme_context"] = totals(graph_costs(models[name][2], 1, README_CONTEXT)).to_json()
+    return fns, info
+
+
+def pairs_sweep(orig: KernelCosts, lp: KernelCosts, layers: int, pairs: int) -> list[dict[str, Any]]:
     """1 GPU, batch 1, context README_CONTEXT: time per pair saved, from the two real exports, extrapolated
     linearly to p pairs (t(p) = t_orig - p * (t_orig - t_lp) / pairs) — each pair is the same wide layer."""
-    co, cl = graph_costs(orig, 1, README_CONTEXT), graph_costs(lp, 1, README_CONTEXT)
+    co, cl = orig(1, README_CONTEXT), lp(1, README_CONTEXT)
     rows = []
     for dev in GPUS.values():
         for graphs in (False, True):
@@ -199,6 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[perf_model] {msg}", file=sys.stderr, flush=True)
 
+    if a.readme:
+        saved = json.loads((a.out / "perf_model.json").read_text())
+        say(f"README.md: prediction table regenerated from {a.out / 'perf_model.json'}")
+        write_readme(saved, a.out / "perf_model.json", REPO / "README.md")
+        return 0
+
     res: dict[str, Any] = {
         "schema": SCHEMA,
         "date": now_utc(),
@@ -208,21 +271,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
     }
     models, res["artifacts"] = load_models(a, say)
-    orig, lp = models["original"][2], models["lp"][2]
+    orig = models["original"][2]
     split = layer_split(orig, graph_costs(orig, 1, a.prompt))
     pairs = len(res["artifacts"]["lp"]["report"]["pairs"])
     res["layer_split"] = split.to_json()
+    fns, res["kernel_source"] = gpu_kernel_lists(a, models, say)
     res.update(cpu_part(a, models, say))
     res["devices"] = {**{k: d.to_json() for k, d in GPUS.items()}, "this-cpu": res["cpu_device"]}
-    res["single_gpu"] = single_gpu(orig, lp, split.layers, pairs)
-    res["single_gpu_pairs"] = pairs_sweep(orig, lp, split.layers, pairs)
+    res["single_gpu"] = single_gpu(fns["original"], fns["lp"], split.layers, pairs)
+    res["single_gpu_pairs"] = pairs_sweep(fns["original"], fns["lp"], split.layers, pairs)
     res["tp2"] = tp2_rows(split)
     res["tp2_table_pairs"] = TP2_TABLE_PAIRS
     res["paper"] = {**PAPER, "comparison": paper_comparison(res["tp2"])}
-    res["assumptions"] = ASSUMPTIONS
+    engine_used = any(v["source"] != SOURCE_ORT for v in res["kernel_source"].values())
+    res["assumptions"] = [ENGINE_KERNELS if engine_used else ORT_KERNELS, *ASSUMPTIONS[1:]]
+    if engine_used:
+        res["assumptions"].append(
+            "2 GPUs (tp2): kernels per layer still from ONNX Runtime's graph (layer_split), not from the engine"
+        )
+    inspected = [k for k, v in res["kernel_source"].items() if v.get("inspection", {}).get("ran")]
     res["not_done"] = [
-        "TensorRT engine inspection (Polygraphy) is not implemented: kernel counts come from ONNX "
-        "Runtime's CPU-optimized graph for every device",
+        *(
+            [f"engine inspection NOT run for {', '.join(sorted(set(fns) - set(inspected)))}: see kernel_source"]
+            if len(inspected) < len(fns)
+            else []
+        ),
         "no GPU run of benchmarks/gpu.py exists "
         "(benchmarks/results/gpu/gpu.json absent): no GPU figure to compare with",
     ]
@@ -231,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(a.out / "perf_model.json", res)
     (a.out / "perf_model.md").write_text(markdown(res))
     plot(res, a.out)
+    if a.out.resolve() == (REPO / "benchmarks" / "results" / "perf_model").resolve():
+        write_readme(res, a.out / "perf_model.json", REPO / "README.md")
     print(markdown(res))
     return 0
 

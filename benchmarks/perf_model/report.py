@@ -1,4 +1,10 @@
-"""Markdown table and plot, written from the result JSON only (no figure typed by hand)."""
+"""Markdown table and plot, written from the result JSON only (no figure typed by hand).
+
+README.md's prediction table is generated too: ``write_readme`` replaces what lies between the marker comments
+``README_BEGIN`` and ``README_END`` with ``readme_block(res)``, and a test checks that README.md holds exactly the
+block rendered from the committed JSON (a hand edit fails it). Regenerate with
+``python -m benchmarks.perf_model --readme`` (no measurement) or by running the model into the committed folder.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 README_CONTEXT = 1024
+README_BEGIN = "<!-- perf-model:begin -->"
+README_END = "<!-- perf-model:end -->"
+RESULTS_JSON = "benchmarks/results/perf_model/perf_model.json"  # the committed run, relative to the repository
 
 
 def _cpu_table(res: dict[str, Any]) -> list[str]:
@@ -35,10 +44,11 @@ def _cpu_table(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _gpu_table(res: dict[str, Any]) -> list[str]:
+def _gpu_table(res: dict[str, Any], predicted_header: bool = False) -> list[str]:
+    pre = "predicted " if predicted_header else ""
     lines = [
-        "| device | model | regime | batch | context | original ms/token | LP ratio eager | "
-        "LP ratio CUDA graphs | limit L/(L-p) |",
+        f"| device | model | regime | batch | context | {pre}original ms/token | {pre}LP ratio eager | "
+        f"{pre}LP ratio CUDA graphs | limit L/(L-p) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [r for r in res["single_gpu"] if r["context"] == README_CONTEXT]
@@ -108,7 +118,9 @@ def markdown(res: dict[str, Any]) -> str:
     body = [
         "",
         "**PREDICTIONS** (not measurements) — decode, datasheet bandwidth/peak, assumed launch costs "
-        "(devices table in the JSON):",
+        "(devices table in the JSON).",
+        _kernel_source_line(res),
+        *[f"- {note}" for v in res.get("kernel_source", {}).values() for note in v.get("notes", [])],
         "",
     ]
     return "\n".join(head + _cpu_table(res) + body + _gpu_table(res) + _paper_lines(res)) + "\n"
@@ -170,3 +182,68 @@ def plot(res: dict[str, Any], out: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _kernel_source_line(res: dict[str, Any]) -> str:
+    src = res.get("kernel_source")
+    if not src:
+        return f"GPU kernel list: {res['assumptions'][0]}."
+    parts = []
+    for name, v in src.items():
+        c = v.get("counts")
+        n = f", {c['kernels']} kernels per decode step" if c else ""
+        parts.append(f"{name} from {v['source']}{n}")
+    return "GPU kernel list: " + "; ".join(parts) + "."
+
+
+def _launch_costs(res: dict[str, Any]) -> str:
+    gpus = [d for d in res["devices"].values() if d.get("launch_graph_s") is not None]
+    eager = sorted({1e6 * d["launch_eager_s"] for d in gpus})
+    graph = sorted({1e6 * d["launch_graph_s"] for d in gpus})
+    return (
+        f"assumed per-kernel costs ({'/'.join(f'{x:g}' for x in eager)} us eager, "
+        f"{'/'.join(f'{x:g}' for x in graph)} us in a CUDA graph)"
+    )
+
+
+def readme_block(res: dict[str, Any], json_rel: str = RESULTS_JSON) -> str:
+    """The README's prediction table (between the markers, markers included), from the result JSON only."""
+    lines = [
+        README_BEGIN,
+        f"<!-- generated from {json_rel} by `python -m benchmarks.perf_model --readme`; do not edit by hand -->",
+        "",
+        f"**PREDICTION — not a measurement.** Performance model run {res['date']} (`{json_rel}`): predicted decode "
+        "time per token and LP/original speed-up per device x model x batch, beside the depth limit L/(L-p). "
+        f"Datasheet bandwidth and peak, {_launch_costs(res)}; no GPU has checked these figures. "
+        f"{_kernel_source_line(res)}",
+        "",
+        *_gpu_table(res, predicted_header=True),
+        "",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def replace_readme_block(text: str, block: str) -> str:
+    """``text`` with the span from README_BEGIN to README_END (inclusive) replaced by ``block``."""
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"README.md must hold {README_BEGIN} and {README_END} exactly once each")
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    if end < start:
+        raise ValueError(f"{README_END} comes before {README_BEGIN} in README.md")
+    return text[:start] + block + text[end:]
+
+
+def readme_span(text: str) -> str:
+    """What README.md holds from README_BEGIN to README_END (inclusive)."""
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    return text[start:end]
+
+
+def write_readme(res: dict[str, Any], json_path: Path, readme: Path) -> None:
+    repo = readme.resolve().parent
+    try:
+        rel = str(json_path.resolve().relative_to(repo))
+    except ValueError:
+        rel = str(json_path)
+    readme.write_text(replace_readme_block(readme.read_text(), readme_block(res, rel)))

@@ -5,13 +5,12 @@ Every figure here is a *prediction* of the roofline model; nothing is measured.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.common import latency_limit
-from benchmarks.perf_model.costs import graph_costs
+from benchmarks.perf_model.costs import Cost
 from benchmarks.perf_model.devices import GPUS
-from benchmarks.perf_model.graph import Node
 from benchmarks.perf_model.predict import PAPER_MODELS, TPParams, step_time, tp2_step
 from benchmarks.perf_model.units import LayerSplit
 
@@ -21,12 +20,15 @@ LINK_LATENCIES_S = (5e-6, 10e-6, 20e-6)
 PAPER_CONTEXT = 2048  # mean context while generating 4096 tokens from a short prompt (the paper's Figure 1 setup)
 
 
-def single_gpu(orig: Sequence[Node], lp: Sequence[Node], layers: int, pairs: int) -> list[dict[str, Any]]:
-    """Per device x batch x context x CUDA graphs: predicted ms/token of the original and LP exports."""
+def single_gpu(
+    orig: Callable[[int, int], Sequence[Cost]], lp: Callable[[int, int], Sequence[Cost]], layers: int, pairs: int
+) -> list[dict[str, Any]]:
+    """Per device x batch x context x CUDA graphs: predicted ms/token of the original and LP exports, from each
+    export's GPU kernel list (``orig(batch, past)``: per-kernel costs of one decode step)."""
     rows = []
     for b in BATCHES:
         for t in CONTEXTS:
-            co, cl = graph_costs(orig, b, t), graph_costs(lp, b, t)
+            co, cl = orig(b, t), lp(b, t)
             for dev in GPUS.values():
                 for graphs in (False, True):
                     to, tl = step_time(co, dev, graphs), step_time(cl, dev, graphs)
