@@ -40,8 +40,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from layerpair.deploy.generate import export_from_dir
-from layerpair.deploy.runtime import DecoderIO
+from layerpair.deploy.generate import Export, export_from_dir
+from layerpair.deploy.runtime import DecoderIO, StateTensor
 from layerpair.errors import InputError
 from layerpair.outdir import staged_output
 
@@ -132,44 +132,7 @@ def stateful_config(
     ]
     logits = specs_out[dio.logits]
     outputs = [_tensor(dio.logits, _dtype(logits["dtype"]), _dims(logits["dims"], batched))]
-    states = []
-    for s in dio.states:
-        d = _dims(specs_in[s.past]["dims"], batched)
-        # Initial state: fixed dims required; the sequence axis gets 1 zero position the client masks out.
-        init = [1 if x == -1 else x for x in d]
-        states.append(
-            "    {\n"
-            f'      input_name: "{s.past}"\n'
-            f'      output_name: "{s.present}"\n'
-            f"      data_type: {_dtype(s.dtype)}\n"
-            f"      dims: {_dims_str(d)}\n"
-            "      initial_state: {\n"
-            f"        data_type: {_dtype(s.dtype)}\n"
-            f"        dims: {_dims_str(init)}\n"
-            "        zero_data: true\n"
-            f'        name: "zero_{s.past}"\n'
-            "      }\n"
-            "    }"
-        )
-    control = ""
-    if controls:
-        items = []
-        for cname, kind in CONTROL_INPUTS:
-            items.append(
-                f'    {{\n      name: "{cname}"\n      control [\n        {{\n          kind: {kind}\n'
-                f"          int32_false_true: [ 0, 1 ]\n        }}\n      ]\n    }}"
-            )
-        control = "  control_input [\n" + ",\n".join(items) + "\n  ]\n"
-    accel = ""
-    if o.ort_tensorrt and platform == "onnxruntime_onnx":
-        prec = "FP16" if o.trt_fp16 else "FP32"
-        accel = (
-            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
-            '      name : "tensorrt"\n'
-            f'      parameters {{ key: "precision_mode" value: "{prec}" }}\n'
-            '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
-            "    } ]\n  }\n}\n"
-        )
+    states = [_state(s, _dims(specs_in[s.past]["dims"], batched)) for s in dio.states]
     return (
         f'name: "{name}"\n'
         f'platform: "{platform}"\n'
@@ -179,9 +142,54 @@ def stateful_config(
         "sequence_batching {\n"
         f"  max_sequence_idle_microseconds: {o.max_sequence_idle_us}\n"
         "  direct { }\n"
-        f"{control}"
+        f"{_control_inputs() if controls else ''}"
         "  state [\n" + ",\n".join(states) + "\n  ]\n"
-        "}\n" + _instance_group(o, profiles) + accel
+        "}\n" + _instance_group(o, profiles) + _ort_tensorrt_accelerator(o, platform)
+    )
+
+
+def _state(s: StateTensor, dims: list[int]) -> str:
+    """One implicit-state entry: the cache input ``s.past`` fed back from the output ``s.present``. Its
+    initial state needs fixed dims: the sequence axis gets 1 zero position, which the client masks out."""
+    init = [1 if x == -1 else x for x in dims]
+    return (
+        "    {\n"
+        f'      input_name: "{s.past}"\n'
+        f'      output_name: "{s.present}"\n'
+        f"      data_type: {_dtype(s.dtype)}\n"
+        f"      dims: {_dims_str(dims)}\n"
+        "      initial_state: {\n"
+        f"        data_type: {_dtype(s.dtype)}\n"
+        f"        dims: {_dims_str(init)}\n"
+        "        zero_data: true\n"
+        f'        name: "zero_{s.past}"\n'
+        "      }\n"
+        "    }"
+    )
+
+
+def _control_inputs() -> str:
+    """The sequence batcher's START / READY controls, as int32 inputs of the model (``onnx_with_controls``)."""
+    items = []
+    for cname, kind in CONTROL_INPUTS:
+        items.append(
+            f'    {{\n      name: "{cname}"\n      control [\n        {{\n          kind: {kind}\n'
+            f"          int32_false_true: [ 0, 1 ]\n        }}\n      ]\n    }}"
+        )
+    return "  control_input [\n" + ",\n".join(items) + "\n  ]\n"
+
+
+def _ort_tensorrt_accelerator(o: TritonOptions, platform: str) -> str:
+    """``--ort-tensorrt``: ONNX Runtime's TensorRT execution provider for the onnxruntime model ('' otherwise)."""
+    if not (o.ort_tensorrt and platform == "onnxruntime_onnx"):
+        return ""
+    prec = "FP16" if o.trt_fp16 else "FP32"
+    return (
+        "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
+        '      name : "tensorrt"\n'
+        f'      parameters {{ key: "precision_mode" value: "{prec}" }}\n'
+        '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
+        "    } ]\n  }\n}\n"
     )
 
 
@@ -251,57 +259,14 @@ def triton_repo_from_export(
     o = options or TritonOptions()
     _check_options(o)
     export = export_from_dir(Path(export_dir))
-    io_json = export.report["io"]
-    dio = export.io
     models: dict[str, str] = {}
     with staged_output(Path(repo), force) as tmp:
-        onnx_name = f"{o.name}_onnx"
-        (tmp / onnx_name / "1").mkdir(parents=True)
-        onnx_with_controls(export.model_path, tmp / onnx_name / "1" / "model.onnx")
-        (tmp / onnx_name / "config.pbtxt").write_text(
-            stateful_config(io_json, dio, "onnxruntime_onnx", o, onnx_name, controls=True)
-        )
-        models[onnx_name] = "onnxruntime_onnx"
-
+        models[_write_onnx_model(tmp, export, o)] = "onnxruntime_onnx"
         plan = Path(export_dir) / "model.plan"
         if plan.is_file():
-            trt_name = f"{o.name}_trt"
-            link_or_copy(plan, tmp / trt_name / "1" / "model.plan")
-            trt = replace(o, kind="KIND_GPU" if o.kind == "KIND_AUTO" else o.kind)
-            (tmp / trt_name / "config.pbtxt").write_text(
-                stateful_config(
-                    io_json,
-                    dio,
-                    "tensorrt_plan",
-                    trt,
-                    trt_name,
-                    controls=False,
-                    profiles=engine_profiles(export.report),
-                )
-            )
-            models[trt_name] = "tensorrt_plan"
-
+            models[_write_trt_model(tmp, export, o, plan)] = "tensorrt_plan"
         if o.generate_model:
-            gen_name = f"{o.name}_generate"
-            v = tmp / gen_name / "1"
-            link_or_copy(export.model_path, v / "decoder.onnx")
-            data = export.model_path.with_name(export.model_path.name + ".data")
-            if data.is_file():  # the graph names its weight file relative to itself: same name beside it
-                link_or_copy(data, v / data.name)
-            shutil.copy2(DEPLOY_DIR / "runtime.py", v / "lp_runtime.py")
-            shutil.copy2(DEPLOY_DIR / "triton_generate_model.py", v / "model.py")
-            (v / "io.json").write_text(
-                json.dumps({"io": io_json, "state_pairs": export.state_pairs, "model_file": "decoder.onnx"}, indent=2)
-            )
-            tok = Path(export_dir) / "tokenizer"
-            if not tok.is_dir():
-                raise InputError(
-                    f"'{export_dir}' has no tokenizer/", "the generate model needs one; pass --no-generate"
-                )
-            shutil.copytree(tok, v / "tokenizer")
-            (tmp / gen_name / "config.pbtxt").write_text(generate_config(o, gen_name))
-            models[gen_name] = "python"
-
+            models[_write_generate_model(tmp, export, o, export_dir)] = "python"
         shutil.copy2(DEPLOY_DIR / "triton_client.py", tmp / "client.py")
         if (Path(export_dir) / "tokenizer").is_dir():
             shutil.copytree(Path(export_dir) / "tokenizer", tmp / "tokenizer")
@@ -315,6 +280,60 @@ def triton_repo_from_export(
         }
         (tmp / "layerpair_repo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _write_onnx_model(tmp: Path, export: Export, o: TritonOptions) -> str:
+    """``{name}_onnx``: the decoder with START/READY control inputs on onnxruntime; returns the model name."""
+    onnx_name = f"{o.name}_onnx"
+    (tmp / onnx_name / "1").mkdir(parents=True)
+    onnx_with_controls(export.model_path, tmp / onnx_name / "1" / "model.onnx")
+    (tmp / onnx_name / "config.pbtxt").write_text(
+        stateful_config(export.report["io"], export.io, "onnxruntime_onnx", o, onnx_name, controls=True)
+    )
+    return onnx_name
+
+
+def _write_trt_model(tmp: Path, export: Export, o: TritonOptions, plan: Path) -> str:
+    """``{name}_trt``: the export's TensorRT engine (on the GPU unless --kind says otherwise), every engine
+    profile given to every instance; returns the model name."""
+    trt_name = f"{o.name}_trt"
+    link_or_copy(plan, tmp / trt_name / "1" / "model.plan")
+    trt = replace(o, kind="KIND_GPU" if o.kind == "KIND_AUTO" else o.kind)
+    config = stateful_config(
+        export.report["io"],
+        export.io,
+        "tensorrt_plan",
+        trt,
+        trt_name,
+        controls=False,
+        profiles=engine_profiles(export.report),
+    )
+    (tmp / trt_name / "config.pbtxt").write_text(config)
+    return trt_name
+
+
+def _write_generate_model(tmp: Path, export: Export, o: TritonOptions, export_dir: Path) -> str:
+    """``{name}_generate``: the python-backend text generation model — the decoder ONNX (and its weight file),
+    the numpy runtime, the tokenizer and the I/O roles; returns the model name."""
+    gen_name = f"{o.name}_generate"
+    v = tmp / gen_name / "1"
+    link_or_copy(export.model_path, v / "decoder.onnx")
+    data = export.model_path.with_name(export.model_path.name + ".data")
+    if data.is_file():  # the graph names its weight file relative to itself: same name beside it
+        link_or_copy(data, v / data.name)
+    shutil.copy2(DEPLOY_DIR / "runtime.py", v / "lp_runtime.py")
+    shutil.copy2(DEPLOY_DIR / "triton_generate_model.py", v / "model.py")
+    (v / "io.json").write_text(
+        json.dumps(
+            {"io": export.report["io"], "state_pairs": export.state_pairs, "model_file": "decoder.onnx"}, indent=2
+        )
+    )
+    tok = Path(export_dir) / "tokenizer"
+    if not tok.is_dir():
+        raise InputError(f"'{export_dir}' has no tokenizer/", "the generate model needs one; pass --no-generate")
+    shutil.copytree(tok, v / "tokenizer")
+    (tmp / gen_name / "config.pbtxt").write_text(generate_config(o, gen_name))
+    return gen_name
 
 
 def _check_options(o: TritonOptions) -> None:

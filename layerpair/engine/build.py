@@ -157,11 +157,41 @@ def engine_from_onnx(
     limits: dict[str, int] | None = None,
 ) -> EngineBuild:
     """Parse, check I/O against ``spec``, build with ``profiles``, write ``plan_path``."""
-    from polygraphy.backend.common import SaveBytes
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our progress lines say what happens; keep TensorRT's errors
+    build_s = _build_plan(onnx_path, spec, plan_path, profiles, backend)
+    nbytes = plan_path.stat().st_size
+    checked = ["network"]
+    usable, _ = gpu_status()
+    if usable:
+        problems = check_bindings(bindings_from_engine(load_engine(plan_path, backend), backend.trt), spec)
+        if problems:
+            raise EngineBuildError(
+                "the engine's bindings do not match the I/O spec: " + "; ".join(problems[:5]),
+                "this is a bug in the export; report the model and flags",
+            )
+        checked.append("engine")
+    return EngineBuild(
+        backend=backend.to_json(),
+        plan=plan_path.name,
+        dtype=spec.dtype,
+        build_s=round(build_s, 3),
+        engine_bytes=nbytes,
+        limits=dict(limits or {}),
+        profiles=[p.to_json() for p in profiles],
+        io=spec.to_json(),
+        bindings_checked_on=checked,
+    )
+
+
+def _build_plan(onnx_path: Path, spec: IOSpec, plan_path: Path, profiles: list[ProfileSpec], backend: Backend) -> float:
+    """Parse ``onnx_path``, check the network's I/O against ``spec``, build and write ``plan_path``; returns the
+    parse + build seconds (the write not included). The builder, network and serialized engine are local here,
+    so they are freed before ``engine_from_onnx`` loads the plan again to check its bindings."""
+    from polygraphy.backend.common import SaveBytes
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+
     t = time.perf_counter()
     typed = True if backend.has_strongly_typed_flag else None
     try:
@@ -187,29 +217,8 @@ def engine_from_onnx(
         ) from None
     build_s = time.perf_counter() - t
     SaveBytes(serialized, str(plan_path))()
-    nbytes = plan_path.stat().st_size
     del serialized, builder, network, parser
-    checked = ["network"]
-    usable, _ = gpu_status()
-    if usable:
-        problems = check_bindings(bindings_from_engine(load_engine(plan_path, backend), backend.trt), spec)
-        if problems:
-            raise EngineBuildError(
-                "the engine's bindings do not match the I/O spec: " + "; ".join(problems[:5]),
-                "this is a bug in the export; report the model and flags",
-            )
-        checked.append("engine")
-    return EngineBuild(
-        backend=backend.to_json(),
-        plan=plan_path.name,
-        dtype=spec.dtype,
-        build_s=round(build_s, 3),
-        engine_bytes=nbytes,
-        limits=dict(limits or {}),
-        profiles=[p.to_json() for p in profiles],
-        io=spec.to_json(),
-        bindings_checked_on=checked,
-    )
+    return build_s
 
 
 def load_engine(plan_path: Path, backend: Backend) -> Any:

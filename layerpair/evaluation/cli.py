@@ -26,6 +26,7 @@ import torch
 from layerpair.errors import InputError, OutputError, ValidationError
 from layerpair.evaluation.data import (
     DEFAULT_WINDOW,
+    Encode,
     MCItem,
     check_text_arg,
     encoder,
@@ -36,6 +37,7 @@ from layerpair.evaluation.data import (
 from layerpair.evaluation.metrics import (
     DEFAULT_BATCH,
     OnnxBackend,
+    TextMetrics,
     TorchBackend,
     mc_metrics,
     onnx_disagreement,
@@ -157,7 +159,29 @@ def run_eval_cli(argv: Sequence[str]) -> int:
         "eval_tokens": {"first": int(ev.numel()), "window": a.window, "scored_per_window": a.window - 1},
         **sel.report,
     }
-    lp, ref = TorchBackend(sel.decoder), TorchBackend(dec0, ())
+    metrics = _score(a, report, TorchBackend(sel.decoder), TorchBackend(dec0, ()), ev, mc_items, encode)
+    report["seconds_total"] = round(time.perf_counter() - t0, 2)
+    print(summary(report))
+    if a.json is not None:
+        write_json(a.json, report)
+    why = onnx_disagreement(metrics[1], metrics[0], ONNX_REL_TOL) if a.onnx is not None else None
+    if why is not None:
+        raise ValidationError(why, "the export does not match these --pairs/--heal flags, or one runtime is broken")
+    return 0
+
+
+def _score(
+    a: argparse.Namespace,
+    report: dict[str, Any],
+    lp: TorchBackend,
+    ref: TorchBackend,
+    ev: torch.Tensor,
+    mc_items: list[MCItem] | None,
+    encode: Encode,
+) -> list[TextMetrics]:
+    """Text metrics of the LP model (and of ``--onnx``) against the original ``ref`` on the windows ``ev``
+    [N,W], plus multiple choice with ``--mc``; the figures go into ``report`` ("pytorch", "onnx",
+    "onnx_vs_pytorch_rel", "seconds_text_metrics"). Returns the text metrics, PyTorch first."""
     onnx: OnnxBackend | None = None
     if a.onnx is not None:
         path = a.onnx if a.onnx.suffix == ".onnx" else a.onnx / "model.onnx"
@@ -182,14 +206,7 @@ def run_eval_cli(argv: Sequence[str]) -> int:
             report["onnx"]["mc"] = mc_metrics(onnx, mc_items, encode).to_json()
         report["onnx_vs_pytorch_rel"] = {"ppl": ppl_rel_diff(om, tm), "kl": _rel(om.kl or 0.0, tm.kl or 0.0)}
     report["seconds_text_metrics"] = round(text_s, 2)
-    report["seconds_total"] = round(time.perf_counter() - t0, 2)
-    print(summary(report))
-    if a.json is not None:
-        write_json(a.json, report)
-    why = onnx_disagreement(metrics[1], tm, ONNX_REL_TOL) if a.onnx is not None else None
-    if why is not None:
-        raise ValidationError(why, "the export does not match these --pairs/--heal flags, or one runtime is broken")
-    return 0
+    return metrics
 
 
 def write_json(path: Path, obj: Any) -> None:

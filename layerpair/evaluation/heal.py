@@ -33,11 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from layerpair.errors import InputError
-from layerpair.evaluation.forward import attention, attn_ctx, blocks_from_pairs, embed, run_block, window_context
+from layerpair.evaluation.forward import (
+    WindowContext,
+    attention,
+    attn_ctx,
+    blocks_from_pairs,
+    embed,
+    run_block,
+    window_context,
+)
 from layerpair.evaluation.metrics import DEFAULT_BATCH
 from layerpair.exporter.model import Decoder, Layer
 
 DEFAULT_DAMPING = 1e-2
+Pairs = tuple[tuple[int, int], ...]
 TARGETS = ("local", "global")
 
 
@@ -121,16 +130,10 @@ def heal_pairs(
         raise InputError(f"heal damping must be positive, got {damping}", "pass e.g. 1e-2")
     say = progress or (lambda msg: None)
     pairs = tuple(sorted(pairs))
-    healed = Decoder(dec.arch, pairs)
-    src = dict(dec.named_parameters())
-    for name, p in healed.named_parameters():  # copies keep the source dtype; rotary inv_freq stays fp32
-        p.data = src[name].detach().clone()
-    healed.eval()
+    healed = _copy_with_pairs(dec, pairs)
     report = HealReport([list(p) for p in pairs], damping, target, int(calib_windows.numel()))
     if not pairs:
         return healed, report
-    L = dec.arch.num_layers
-    orig: Any = dec.layers
     new: Any = healed.layers
     chunks = [calib_windows[i : i + batch] for i in range(0, calib_windows.shape[0], batch)]
     ctxs = [window_context(dec, *c.shape) for c in chunks]
@@ -138,44 +141,80 @@ def heal_pairs(
         xs = [embed(healed, ids) for ids in chunks]  # LP residual stream, per chunk
         x_orig = [embed(dec, ids) for ids in chunks]  # original stream (global target only)
         done = 0
-        for block in blocks_from_pairs(L, pairs):
+        for block in blocks_from_pairs(dec.arch.num_layers, pairs):
             if target == "global":  # advance the original stream through this block's layers, sequentially
                 for i in block:
                     x_orig = [run_block(dec, (i,), x, c) for x, c in zip(x_orig, ctxs, strict=True)]
             if len(block) == 2:
                 a, b = block
-                la, lb, na, nb = orig[a], orig[b], new[a], new[b]
-                # 1. attention o_proj refit
-                att = _Normal()
-                feats: list[tuple[Tensor, Tensor]] = []
-                for x, c in zip(xs, ctxs, strict=True):
-                    ca = attn_ctx(na, na.input_layernorm(x), c, dec.arch.window(a))
-                    cb = attn_ctx(nb, nb.input_layernorm(x), c, dec.arch.window(b))
-                    y1 = run_block(dec, (a,), x, c)
-                    seq_attn = attention(la, x, c, dec.arch.window(a)) + attention(lb, y1, c, dec.arch.window(b))
-                    att.add(torch.cat([ca, cb], -1), seq_attn - _obias(na) - _obias(nb))
-                    feats.append((ca, cb))
-                q = ca.shape[-1]
-                W, before, after = att.solve(torch.cat([na.self_attn.o_proj, nb.self_attn.o_proj], 0), damping)
-                na.self_attn.o_proj.data, nb.self_attn.o_proj.data = W[:q].contiguous(), W[q:].contiguous()
-                report.attn_rel_err[f"{a}-{b}"] = (before, after)
-                # 2. MLP down_proj refit on the refitted h
-                mlp = _Normal()
-                hs: list[Tensor] = []
-                for k, (x, c) in enumerate(zip(xs, ctxs, strict=True)):
-                    ca, cb = feats[k]
-                    h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + _obias(na) + _obias(nb)
-                    tgt = run_block(dec, (b,), run_block(dec, (a,), x, c), c) if target == "local" else x_orig[k]
-                    mlp.add(torch.cat([_mlp_act(na, h), _mlp_act(nb, h)], -1), tgt - h - _dbias(na) - _dbias(nb))
-                    hs.append(h)
-                i_dim = dec.arch.intermediate_size
-                W, before, after = mlp.solve(torch.cat([na.mlp.down_proj, nb.mlp.down_proj], 0), damping)
-                na.mlp.down_proj.data, nb.mlp.down_proj.data = W[:i_dim].contiguous(), W[i_dim:].contiguous()
+                ctx_ab, report.attn_rel_err[f"{a}-{b}"] = _refit_o_proj(dec, a, b, new[a], new[b], xs, ctxs, damping)
+                targets = x_orig if target == "global" else None
+                before, after = _refit_down_proj(dec, a, b, new[a], new[b], xs, ctxs, ctx_ab, targets, damping)
                 report.mlp_rel_err[f"{a}-{b}"] = (before, after)
                 done += 1
+                # (the figures are the MLP fit's, as they always were; the attention fit's are in the report)
                 say(f"healed pair {a}-{b} ({done}/{len(pairs)}): attention residual {before:.3f} -> {after:.3f}")
             xs = [run_block(healed, block, x, c) for x, c in zip(xs, ctxs, strict=True)]
     return healed, report
+
+
+def _copy_with_pairs(dec: Decoder, pairs: Pairs) -> Decoder:
+    """A Decoder running ``pairs`` with its own copy of ``dec``'s weights (healing rewrites them in place)."""
+    healed = Decoder(dec.arch, pairs)
+    src = dict(dec.named_parameters())
+    for name, p in healed.named_parameters():  # copies keep the source dtype; rotary inv_freq stays fp32
+        p.data = src[name].detach().clone()
+    return healed.eval()
+
+
+def _refit_o_proj(
+    dec: Decoder, a: int, b: int, na: Layer, nb: Layer, xs: list[Tensor], ctxs: list[WindowContext], damping: float
+) -> tuple[list[tuple[Tensor, Tensor]], tuple[float, float]]:
+    """Stage 1: ``[ctx_a(x), ctx_b(x)] @ [Wo_a; Wo_b] ≈ A_a(x) + A_b(y1)`` (the sequential pair's attention
+    contributions, o_proj biases taken out), fitted on the LP stream ``xs`` and written into ``na``/``nb``.
+    Returns each chunk's contexts (ctx_a, ctx_b) [B,W,H*D], which stage 2 reuses, and (rel err before, after)."""
+    orig: Any = dec.layers
+    la, lb = orig[a], orig[b]
+    att = _Normal()
+    feats: list[tuple[Tensor, Tensor]] = []
+    for x, c in zip(xs, ctxs, strict=True):
+        ca = attn_ctx(na, na.input_layernorm(x), c, dec.arch.window(a))
+        cb = attn_ctx(nb, nb.input_layernorm(x), c, dec.arch.window(b))
+        y1 = run_block(dec, (a,), x, c)
+        seq_attn = attention(la, x, c, dec.arch.window(a)) + attention(lb, y1, c, dec.arch.window(b))
+        att.add(torch.cat([ca, cb], -1), seq_attn - _obias(na) - _obias(nb))
+        feats.append((ca, cb))
+    q = feats[-1][0].shape[-1]
+    W, before, after = att.solve(torch.cat([na.self_attn.o_proj, nb.self_attn.o_proj], 0), damping)
+    na.self_attn.o_proj.data, nb.self_attn.o_proj.data = W[:q].contiguous(), W[q:].contiguous()
+    return feats, (before, after)
+
+
+def _refit_down_proj(
+    dec: Decoder,
+    a: int,
+    b: int,
+    na: Layer,
+    nb: Layer,
+    xs: list[Tensor],
+    ctxs: list[WindowContext],
+    feats: list[tuple[Tensor, Tensor]],
+    global_targets: list[Tensor] | None,
+    damping: float,
+) -> tuple[float, float]:
+    """Stage 2, on the h of the refitted o_proj: ``[act_a(h), act_b(h)] @ [Wd_a; Wd_b] ≈ target - h`` (down_proj
+    biases taken out), written into ``na``/``nb``. The target is the sequential pair on the same input, or with
+    ``global_targets`` the original model's stream after layer b. Returns (rel err before, after)."""
+    mlp = _Normal()
+    for k, (x, c) in enumerate(zip(xs, ctxs, strict=True)):
+        ca, cb = feats[k]
+        h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + _obias(na) + _obias(nb)
+        tgt = run_block(dec, (b,), run_block(dec, (a,), x, c), c) if global_targets is None else global_targets[k]
+        mlp.add(torch.cat([_mlp_act(na, h), _mlp_act(nb, h)], -1), tgt - h - _dbias(na) - _dbias(nb))
+    i_dim = dec.arch.intermediate_size
+    W, before, after = mlp.solve(torch.cat([na.mlp.down_proj, nb.mlp.down_proj], 0), damping)
+    na.mlp.down_proj.data, nb.mlp.down_proj.data = W[:i_dim].contiguous(), W[i_dim:].contiguous()
+    return before, after
 
 
 def _obias(layer: Layer) -> Tensor | float:

@@ -171,14 +171,7 @@ def auto_pairs(
     ``dec`` is run with its own weights under each candidate plan (its ``pairs`` attribute is ignored).
     """
     L = dec.arch.num_layers
-    if max_ppl_increase is None and target_depth is None:
-        raise InputError("--pairs auto needs a budget or a depth", "add --max-ppl-increase 5% and/or --target-depth N")
-    if max_ppl_increase is not None and not (0 < max_ppl_increase <= MAX_BUDGET):
-        raise InputError(f"max_ppl_increase {max_ppl_increase} is out of range", "pass a fraction in (0, 10]")
-    if target_depth is not None:
-        check_target_depth(target_depth, L)
-    if beam < 1 or candidates < 1:
-        raise InputError("beam and candidates must be >= 1", "pass e.g. --beam 2")
+    _check_search_args(L, max_ppl_increase, target_depth, beam, candidates)
     say = progress or (lambda msg: None)
     sc = _Scorer(dec, calib_windows, batch)
     base_states = sc.states(())
@@ -194,16 +187,7 @@ def auto_pairs(
     frontier: list[FrontierPoint] = []
     beam_sets: list[tuple[Pairs, list[dict[int, Tensor]]]] = [((), base_states)]
     for n in range(1, max_pairs + 1):
-        scored: dict[Pairs, float] = {}
-        parent_of: dict[Pairs, int] = {}
-        for bi, (s, states) in enumerate(beam_sets):
-            used = {layer for p in s for layer in p}
-            ext = [p for p in ranked if p[0] not in used and p[1] not in used][:candidates]
-            for p in ext:
-                key = tuple(sorted((*s, p)))
-                if key not in scored:
-                    scored[key] = sc.nll(key, states, p[0])
-                    parent_of[key] = bi
+        scored = _extend_beam(sc, beam_sets, ranked, candidates)
         if not scored:
             break
         best = sorted(scored, key=scored.__getitem__)[:beam]
@@ -226,6 +210,36 @@ def auto_pairs(
         evaluations=sc.evaluations,
         settings={"beam": beam, "candidates": candidates, "window": int(calib_windows.shape[1])},
     )
+
+
+def _check_search_args(
+    L: int, max_ppl_increase: float | None, target_depth: int | None, beam: int, candidates: int
+) -> None:
+    """``auto_pairs``' arguments, checked before any forward pass (each failure an InputError naming the fix)."""
+    if max_ppl_increase is None and target_depth is None:
+        raise InputError("--pairs auto needs a budget or a depth", "add --max-ppl-increase 5% and/or --target-depth N")
+    if max_ppl_increase is not None and not (0 < max_ppl_increase <= MAX_BUDGET):
+        raise InputError(f"max_ppl_increase {max_ppl_increase} is out of range", "pass a fraction in (0, 10]")
+    if target_depth is not None:
+        check_target_depth(target_depth, L)
+    if beam < 1 or candidates < 1:
+        raise InputError("beam and candidates must be >= 1", "pass e.g. --beam 2")
+
+
+def _extend_beam(
+    sc: _Scorer, beam_sets: list[tuple[Pairs, list[dict[int, Tensor]]]], ranked: list[tuple[int, int]], candidates: int
+) -> dict[Pairs, float]:
+    """One more pair on every beam set: its ``candidates`` best-ranked (by single-pair damage) disjoint
+    extensions, each scored once (mean calibration NLL) from its parent's cached hidden states."""
+    scored: dict[Pairs, float] = {}
+    for s, states in beam_sets:
+        used = {layer for p in s for layer in p}
+        ext = [p for p in ranked if p[0] not in used and p[1] not in used][:candidates]
+        for p in ext:
+            key = tuple(sorted((*s, p)))
+            if key not in scored:
+                scored[key] = sc.nll(key, states, p[0])
+    return scored
 
 
 def best_contiguous(

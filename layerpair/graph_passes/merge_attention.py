@@ -23,7 +23,7 @@ from layerpair.graph_passes.base import (
     scalar,
     small_initializer,
 )
-from layerpair.graph_passes.patterns import UnitRMSNorm, match_rmsnorm, match_rotary
+from layerpair.graph_passes.patterns import Rotary, UnitRMSNorm, match_rmsnorm, match_rotary
 from layerpair.iospec import IOSpec
 
 FIRED = "fired"
@@ -91,8 +91,50 @@ def check_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, pre
 
     ``present = Concat(past, new, axis=2)``; scores ``= (Reshape(rot(q)) @ Transpose(Unsqueeze(present_k)))
     * scale``, masked by ``Where(keep, scores, fill)``, ``Softmax``, ``@ Unsqueeze(present_v)``, then
-    Reshape/Transpose/Reshape to the context that o_proj reads.
+    Reshape/Transpose/Reshape to the context that o_proj reads. The checks run cache -> scores -> queries, so
+    the reason names the first part that differs.
     """
+    kv = _check_new_kv(past_k, past_v, present_k, present_v)
+    if isinstance(kv, str):
+        return kv
+    rot_k, (k_lin, k_norm), (v_lin, _) = kv
+    sc = _check_scores(present_k, present_v)
+    if isinstance(sc, str):
+        return sc
+    q5 = producer(sc.matmul.inputs[0], "Reshape")
+    rot_q = match_rotary(q5.inputs[0]) if q5 is not None and q5.inputs[0] is not None else None
+    q_src = _heads_from(rot_q.t) if rot_q else None
+    if rot_q is None or q_src is None or rot_q.cos is not rot_k.cos or rot_q.sin is not rot_k.sin:
+        return "queries are not rotary(heads(q)) with the keys' cos/sin"
+    keep, fill = sc.where.inputs[0], sc.where.inputs[2]
+    if keep is None or fill is None or sc.scale is None or scalar(fill) is None:
+        return "the mask fill value is not a constant scalar"
+    return _Attention(
+        q_lin=q_src[0],
+        k_lin=k_lin,
+        v_lin=v_lin,
+        q_norm=q_src[1],
+        k_norm=k_norm,
+        cos=rot_q.cos,
+        sin=rot_q.sin,
+        scale=sc.scale,
+        keep=keep,
+        fill=fill,
+        ctx=sc.ctx,
+        scores_cast=attr_int(sc.cast_in, "to", 0) if sc.cast_in else None,
+        probs_cast=attr_int(sc.cast_out, "to", 0) if sc.cast_out else None,
+        past_k=past_k,
+        past_v=past_v,
+        present_k=present_k,
+        present_v=present_v,
+    )
+
+
+def _check_new_kv(
+    past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, present_v: ir.Value
+) -> tuple[Rotary, tuple[ir.Value, _Norm | None], tuple[ir.Value, _Norm | None]] | str:
+    """The cache half: ``present = Concat(past, new, axis=2)`` with new keys ``rotary(heads(k_lin))`` and new
+    values ``heads(v_lin)`` (no norm on v) -> (the keys' rotary, (k_lin, k norm), (v_lin, None)), or the reason."""
     cat_k, cat_v = producer(present_k, "Concat"), producer(present_v, "Concat")
     if cat_k is None or cat_v is None or attr_int(cat_k, "axis", 0) != 2 or attr_int(cat_v, "axis", 0) != 2:
         return f"present '{present_k.name}' is not Concat(past, new, axis=2)"
@@ -103,6 +145,25 @@ def check_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, pre
     v_src = _heads_from(cat_v.inputs[1])
     if rot_k is None or k_src is None or v_src is None or v_src[1] is not None:
         return f"new keys/values of '{present_k.name}' are not rotary(heads(k)) / heads(v)"
+    return rot_k, k_src, v_src
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """The scores-to-context chain of one attention, from its scores MatMul to the context o_proj reads."""
+
+    matmul: ir.Node  # q5 [B,KVH,G,S,D] @ kT [B,KVH,1,D,T]
+    scale: ir.Value | None  # scalar the scores are multiplied by
+    cast_in: ir.Node | None  # 16-bit graphs: Cast of the scaled scores to fp32 ...
+    where: ir.Node  # Where(keep, scores, fill)
+    cast_out: ir.Node | None  # ... and of the probabilities back
+    ctx: ir.Value  # [B,S,H*D]
+
+
+def _check_scores(present_k: ir.Value, present_v: ir.Value) -> _Scores | str:
+    """``MatMul(q5, kT) -> Mul(scale) -> [Cast] -> Where(mask) -> Softmax(-1) -> [Cast] -> MatMul(V) ->
+    Reshape -> Transpose(0,2,1,3) -> Reshape``, every edge single-use, reading ``present_k`` / ``present_v``;
+    or the reason it is not."""
     scores_mm = scores_matmul(present_k)
     if scores_mm is None:
         return f"no scores MatMul q @ Transpose(Unsqueeze('{present_k.name}'))"
@@ -124,33 +185,7 @@ def check_attention(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, pre
     unsq_v = producer(pv_mm.inputs[1], "Unsqueeze")
     if unsq_v is None or unsq_v.inputs[0] is not present_v or (const(unsq_v.inputs[1]) is None):
         return f"the probabilities do not multiply Unsqueeze('{present_v.name}')"
-    q5 = producer(scores_mm.inputs[0], "Reshape")
-    rot_q = match_rotary(q5.inputs[0]) if q5 is not None and q5.inputs[0] is not None else None
-    q_src = _heads_from(rot_q.t) if rot_q else None
-    if rot_q is None or q_src is None or rot_q.cos is not rot_k.cos or rot_q.sin is not rot_k.sin:
-        return "queries are not rotary(heads(q)) with the keys' cos/sin"
-    keep, fill = where.inputs[0], where.inputs[2]
-    if keep is None or fill is None or scale is None or scalar(fill) is None:
-        return "the mask fill value is not a constant scalar"
-    return _Attention(
-        q_lin=q_src[0],
-        k_lin=k_src[0],
-        v_lin=v_src[0],
-        q_norm=q_src[1],
-        k_norm=k_src[1],
-        cos=rot_q.cos,
-        sin=rot_q.sin,
-        scale=scale,
-        keep=keep,
-        fill=fill,
-        ctx=rs2.outputs[0],
-        scores_cast=attr_int(cast_in, "to", 0) if cast_in else None,
-        probs_cast=attr_int(cast_out, "to", 0) if cast_out else None,
-        past_k=past_k,
-        past_v=past_v,
-        present_k=present_k,
-        present_v=present_v,
-    )
+    return _Scores(scores_mm, scale, cast_in, where, cast_out, rs2.outputs[0])
 
 
 def scores_matmul(present_k: ir.Value) -> ir.Node | None:
@@ -270,135 +305,169 @@ class MergeAttentionPass(CountingPass):
         present_v_name: str,
         dims: dict[str, tuple[int | str, ...]],
     ) -> None:
+        """Build one attention over both branches' heads beside the two, then rewire o_proj, the graph outputs
+        and inputs to it; the branch attentions, left dead, are removed. Node and constant names and their order
+        are part of the exported file (byte-identical exports), so the builders run in a fixed order."""
         arch = self.arch
-        H2, KV2, D, G = 2 * arch.num_heads, 2 * arch.num_kv_heads, arch.head_dim, arch.num_groups
-        p = f"lp_attn_{past_k_name}"
-        nodes: list[ir.Node] = []
-
-        def op(op_type: str, inputs: Sequence[ir.Value | None], suffix: str, **attrs: Any) -> ir.Value:
-            nodes.append(node(op_type, inputs, f"{p}/{suffix}", **attrs))
-            return nodes[-1].outputs[0]
-
-        def c(suffix: str, arr: np.ndarray) -> ir.Value:
-            return small_initializer(graph, f"{p}.{suffix}", arr)
-
-        i64 = np.int64
-
-        def heads(lin_a: ir.Value, lin_b: ir.Value, n: int, na: _Norm | None, nb: _Norm | None, s: str) -> ir.Value:
-            wide = op("Concat", [lin_a, lin_b], f"{s}_wide", axis=-1)  # [B,S,2*n*D]
-            if na is None or nb is None:
-                x4 = op("Reshape", [wide, c(f"{s}_shape", np.array([0, 0, 2 * n, D], i64))], f"{s}_heads")
-            else:
-                # Per-head RMSNorm with each branch's own scale: view [B,S,2,n,D], scale [2,1,D].
-                u = na.unit  # same ops, casts and constants as the branch's own norm
-                x5 = op("Reshape", [wide, c(f"{s}_shape5", np.array([0, 0, 2, n, D], i64))], f"{s}_heads5")
-                if u.compute_cast is not None:
-                    x5 = op("Cast", [x5], f"{s}_up", to=u.compute_cast)
-                sq = op("Pow", [x5, u.two], f"{s}_sq")
-                ms = op("ReduceMean", [sq, c(f"{s}_axes", np.array([-1], i64))], f"{s}_ms", keepdims=1)
-                rms = op("Sqrt", [op("Add", [ms, u.eps_value], f"{s}_mse")], f"{s}_rms")
-                xn = op("Mul", [x5, op("Reciprocal", [rms], f"{s}_inv")], f"{s}_unit")
-                if u.out_cast is not None:
-                    xn = op("Cast", [xn], f"{s}_down", to=u.out_cast)
-                if na.scale is not None and nb.scale is not None:
-                    ga, gb = na.scale.const_value, nb.scale.const_value
-                    assert ga is not None and gb is not None
-                    g = c(f"{s}_norm_scale", np.stack([ga.numpy().reshape(-1), gb.numpy().reshape(-1)])[:, None, :])
-                    xn = op("Mul", [xn, g], f"{s}_scaled")
-                x4 = op("Reshape", [xn, c(f"{s}_shape", np.array([0, 0, 2 * n, D], i64))], f"{s}_heads")
-            return op("Transpose", [x4], f"{s}_t", perm=[0, 2, 1, 3])  # [B,2n,S,D]
-
-        def rotary(t: ir.Value, s: str) -> ir.Value:
-            half = D // 2
-            hi = op(
-                "Slice",
-                [
-                    t,
-                    c(f"{s}_h", np.array([half], i64)),
-                    c(f"{s}_end", np.array([INT64_MAX], i64)),
-                    c(f"{s}_ax", np.array([3], i64)),
-                ],
-                f"{s}_hi",
-            )
-            lo = op(
-                "Slice",
-                [
-                    t,
-                    c(f"{s}_0", np.array([0], i64)),
-                    c(f"{s}_h2", np.array([half], i64)),
-                    c(f"{s}_ax2", np.array([3], i64)),
-                ],
-                f"{s}_lo",
-            )
-            rh = op("Concat", [op("Neg", [hi], f"{s}_neg"), lo], f"{s}_rot_half", axis=-1)
-            return op("Add", [op("Mul", [t, A.cos], f"{s}_cos"), op("Mul", [rh, A.sin], f"{s}_sin")], f"{s}_rot")
-
-        q_t = heads(A.q_lin, B.q_lin, arch.num_heads, A.q_norm, B.q_norm, "q")
-        k_t = heads(A.k_lin, B.k_lin, arch.num_kv_heads, A.k_norm, B.k_norm, "k")
-        v_t = heads(A.v_lin, B.v_lin, arch.num_kv_heads, None, None, "v")
-        q_rot, k_rot = rotary(q_t, "q"), rotary(k_t, "k")
+        e = _Emitter(graph, f"lp_attn_{past_k_name}")
+        H, KVH, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        q_B2HSD = _wide_heads(e, A.q_lin, B.q_lin, H, D, A.q_norm, B.q_norm, "q")
+        k_B2KSD = _wide_heads(e, A.k_lin, B.k_lin, KVH, D, A.k_norm, B.k_norm, "k")
+        v_B2KSD = _wide_heads(e, A.v_lin, B.v_lin, KVH, D, None, None, "v")
+        q_rot = _rotary(e, q_B2HSD, A.cos, A.sin, D, "q")
+        k_rot = _rotary(e, k_B2KSD, A.cos, A.sin, D, "k")
 
         dtype = A.past_k.dtype or ir.DataType.FLOAT
-        past_k = ir.Value(name=past_k_name, type=ir.TensorType(dtype), shape=ir.Shape(list(dims[past_k_name])))
-        past_v = ir.Value(name=past_v_name, type=ir.TensorType(dtype), shape=ir.Shape(list(dims[past_v_name])))
-        present_k = op("Concat", [past_k, k_rot], "present_k", axis=2)  # [B,2KVH,T,D]
-        present_v = op("Concat", [past_v, v_t], "present_v", axis=2)
-        present_k.name, present_v.name = present_k_name, present_v_name
-        present_k.shape = ir.Shape(list(dims[present_k_name]))  # [B,2KVH,T,D]
-        present_v.shape = ir.Shape(list(dims[present_v_name]))
-        present_k.type = present_v.type = ir.TensorType(dtype)
+        past_k, past_v = _cache_input(past_k_name, dtype, dims), _cache_input(past_v_name, dtype, dims)
+        present_k = e.op("Concat", [past_k, k_rot], "present_k", axis=2)  # [B,2KVH,T,D]
+        present_v = e.op("Concat", [past_v, v_B2KSD], "present_v", axis=2)
+        for v, name in ((present_k, present_k_name), (present_v, present_v_name)):
+            v.name, v.shape, v.type = name, ir.Shape(list(dims[name])), ir.TensorType(dtype)
 
-        # Grouped-query attention on the wide tensors: q [B,2KVH,G,S,D] against K/V [B,2KVH,1,T,D].
-        two = c("axis2", np.array([2], i64))
-        q5 = op("Reshape", [q_rot, c("q5_shape", np.array([0, KV2, G, -1, D], i64))], "q5")
-        k_t5 = op("Transpose", [op("Unsqueeze", [present_k, two], "k5")], "kT", perm=[0, 1, 2, 4, 3])
-        scores = op("Mul", [op("MatMul", [q5, k_t5], "qk"), A.scale], "scores")
-        if A.scores_cast is not None:  # 16-bit graphs: mask and softmax in fp32, as the branches did
-            scores = op("Cast", [scores], "scores_up", to=A.scores_cast)
-        probs = op("Softmax", [op("Where", [A.keep, scores, A.fill], "masked")], "probs", axis=-1)
-        if A.probs_cast is not None:
-            probs = op("Cast", [probs], "probs_down", to=A.probs_cast)
-        ctx5 = op("MatMul", [probs, op("Unsqueeze", [present_v, two], "v5")], "pv")  # [B,2KVH,G,S,D]
-        ctx4 = op("Reshape", [ctx5, c("ctx4_shape", np.array([0, H2, -1, D], i64))], "ctx4")
-        ctx_t = op("Transpose", [ctx4], "ctx_t", perm=[0, 2, 1, 3])  # [B,S,2H,D]
-        ctx = op("Reshape", [ctx_t, c("ctx_shape", np.array([0, 0, H2 * D], i64))], "ctx")  # [B,S,2H*D]
-        hd = arch.num_heads * D
-        nodes.append(
-            node("Split", [ctx, c("ctx_split", np.array([hd, hd], i64))], f"{p}/ctx_split", num_outputs=2, axis=-1)
-        )
-        ctx_a, ctx_b = nodes[-1].outputs
-        graph.extend(nodes)
+        ctx_a, ctx_b = _grouped_attention(e, arch, q_rot, present_k, present_v, A)
+        graph.extend(e.nodes)
+        _rewire_outputs(graph, A, B, ctx_a, ctx_b, present_k, present_v)
+        _rewire_inputs(graph, A, B, past_k, past_v)
 
-        # Rewire: o_proj inputs, graph outputs (a's slot position), graph inputs (a's slot position).
-        A.ctx.replace_all_uses_with(ctx_a)
-        B.ctx.replace_all_uses_with(ctx_b)
-        outs = graph.outputs
-        ia = list(outs).index(A.present_k)
-        outs[ia], outs[ia + 1] = present_k, present_v
-        for v in (B.present_k, B.present_v):
-            outs.pop(list(outs).index(v))
-        old = [
-            n
-            for v in (A.present_k, A.present_v, B.present_k, B.present_v, A.ctx, B.ctx)
-            if (n := v.producer()) is not None
-        ]
-        _remove_dead_cone(graph, old)
-        ins = graph.inputs
-        for v, wide in ((A.past_k, past_k), (A.past_v, past_v), (B.past_k, past_k), (B.past_v, past_v)):
-            # The exporter reads the batch size off a cache input (Shape(past, 0, 1)); batch, past length
-            # and head_dim are the same on the wide slot, only axis 1 (heads) differs.
-            for u in consumers_of(v):
-                if u.op_type == "Shape" and 1 not in range(4)[slice(attr_int(u, "start", 0), _end(u))]:
-                    u.replace_input_with(0, wide)
-            if v.uses():
-                raise GraphPassError(
-                    f"cache input '{v.name}' is still used after merging its pair",
-                    "report this model and --pairs as a bug, or export with --no-merge",
-                )
-        ja = list(ins).index(A.past_k)
-        ins[ja], ins[ja + 1] = past_k, past_v
-        for v in (B.past_k, B.past_v):
-            ins.pop(list(ins).index(v))
+
+class _Emitter:
+    """Collects the wide attention's nodes (named ``{prefix}/{suffix}``, added to the graph together at the end)
+    and creates its small constants (initializers ``{prefix}.{suffix}``), in call order."""
+
+    def __init__(self, graph: ir.Graph, prefix: str) -> None:
+        self.graph, self.prefix = graph, prefix
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], suffix: str, **attrs: Any) -> ir.Value:
+        """One node; its first output."""
+        return self.node(op_type, inputs, suffix, **attrs).outputs[0]
+
+    def node(self, op_type: str, inputs: Sequence[ir.Value | None], suffix: str, **attrs: Any) -> ir.Node:
+        self.nodes.append(node(op_type, inputs, f"{self.prefix}/{suffix}", **attrs))
+        return self.nodes[-1]
+
+    def ints(self, suffix: str, *values: int) -> ir.Value:
+        """A 1-D int64 constant (shapes, axes, slice bounds)."""
+        return small_initializer(self.graph, f"{self.prefix}.{suffix}", np.array(values, np.int64))
+
+
+def _wide_heads(
+    e: _Emitter, lin_a: ir.Value, lin_b: ir.Value, n: int, D: int, na: _Norm | None, nb: _Norm | None, s: str
+) -> ir.Value:
+    """Both branches' projections [B,S,n*D] as one head tensor [B,2n,S,D], a's heads first (so the grouped-query
+    map q-head h -> kv-head h // G holds on the wide tensors); with q/k norm, each branch's own scale."""
+    wide = e.op("Concat", [lin_a, lin_b], f"{s}_wide", axis=-1)  # [B,S,2*n*D]
+    if na is not None and nb is not None:
+        wide = _per_head_rmsnorm(e, wide, n, D, na, nb, s)  # [B,S,2,n,D]
+    x_BS2nD = e.op("Reshape", [wide, e.ints(f"{s}_shape", 0, 0, 2 * n, D)], f"{s}_heads")
+    return e.op("Transpose", [x_BS2nD], f"{s}_t", perm=[0, 2, 1, 3])  # [B,2n,S,D]
+
+
+def _per_head_rmsnorm(e: _Emitter, wide: ir.Value, n: int, D: int, na: _Norm, nb: _Norm, s: str) -> ir.Value:
+    """Qwen3's per-head RMSNorm on both branches at once: a view [B,S,2,n,D] normalized over D and multiplied
+    by a [2,1,D] scale stacked from the two branches' [D] scales. The ops, casts (16-bit graphs normalize in
+    fp32) and constants are a's own norm's, which the pass checked equal to b's."""
+    u = na.unit
+    x_BS2nD = e.op("Reshape", [wide, e.ints(f"{s}_shape5", 0, 0, 2, n, D)], f"{s}_heads5")
+    if u.compute_cast is not None:
+        x_BS2nD = e.op("Cast", [x_BS2nD], f"{s}_up", to=u.compute_cast)
+    sq = e.op("Pow", [x_BS2nD, u.two], f"{s}_sq")
+    ms = e.op("ReduceMean", [sq, e.ints(f"{s}_axes", -1)], f"{s}_ms", keepdims=1)
+    rms = e.op("Sqrt", [e.op("Add", [ms, u.eps_value], f"{s}_mse")], f"{s}_rms")
+    xn = e.op("Mul", [x_BS2nD, e.op("Reciprocal", [rms], f"{s}_inv")], f"{s}_unit")
+    if u.out_cast is not None:
+        xn = e.op("Cast", [xn], f"{s}_down", to=u.out_cast)
+    if na.scale is not None and nb.scale is not None:
+        ga, gb = na.scale.const_value, nb.scale.const_value
+        assert ga is not None and gb is not None
+        g_21D = np.stack([ga.numpy().reshape(-1), gb.numpy().reshape(-1)])[:, None, :]
+        xn = e.op("Mul", [xn, small_initializer(e.graph, f"{e.prefix}.{s}_norm_scale", g_21D)], f"{s}_scaled")
+    return xn
+
+
+def _rotary(e: _Emitter, t_BHSD: ir.Value, cos: ir.Value, sin: ir.Value, D: int, s: str) -> ir.Value:
+    """``t * cos + rotate_half(t) * sin`` with ``rotate_half(t) = [-t[..., D/2:], t[..., :D/2]]``, once on the
+    wide tensor with the branches' shared cos/sin [B,1,S,D]."""
+    half = D // 2
+    hi = e.op("Slice", [t_BHSD, e.ints(f"{s}_h", half), e.ints(f"{s}_end", INT64_MAX), e.ints(f"{s}_ax", 3)], f"{s}_hi")
+    lo = e.op("Slice", [t_BHSD, e.ints(f"{s}_0", 0), e.ints(f"{s}_h2", half), e.ints(f"{s}_ax2", 3)], f"{s}_lo")
+    rh = e.op("Concat", [e.op("Neg", [hi], f"{s}_neg"), lo], f"{s}_rot_half", axis=-1)
+    return e.op("Add", [e.op("Mul", [t_BHSD, cos], f"{s}_cos"), e.op("Mul", [rh, sin], f"{s}_sin")], f"{s}_rot")
+
+
+def _cache_input(name: str, dtype: ir.DataType, dims: dict[str, tuple[int | str, ...]]) -> ir.Value:
+    """The wide slot's cache input [B,2KVH,P,D], dims from the one I/O spec."""
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(dims[name])))
+
+
+def _grouped_attention(
+    e: _Emitter, arch: ArchSpec, q_rot: ir.Value, present_k: ir.Value, present_v: ir.Value, A: _Attention
+) -> tuple[ir.Value, ir.Value]:
+    """Grouped-query attention on the wide tensors: q [B,2KVH,G,S,D] against K/V [B,2KVH,1,T,D], with the
+    branches' shared scale, mask and fill and a's softmax casts; the context [B,S,2H*D] split back into the two
+    branches' [B,S,H*D], which o_proj reads."""
+    H2, KV2, D, G = 2 * arch.num_heads, 2 * arch.num_kv_heads, arch.head_dim, arch.num_groups
+    two = e.ints("axis2", 2)
+    q_BKGSD = e.op("Reshape", [q_rot, e.ints("q5_shape", 0, KV2, G, -1, D)], "q5")
+    kT_BK1DT = e.op("Transpose", [e.op("Unsqueeze", [present_k, two], "k5")], "kT", perm=[0, 1, 2, 4, 3])
+    scores = e.op("Mul", [e.op("MatMul", [q_BKGSD, kT_BK1DT], "qk"), A.scale], "scores")
+    if A.scores_cast is not None:  # 16-bit graphs: mask and softmax in fp32, as the branches did
+        scores = e.op("Cast", [scores], "scores_up", to=A.scores_cast)
+    probs = e.op("Softmax", [e.op("Where", [A.keep, scores, A.fill], "masked")], "probs", axis=-1)
+    if A.probs_cast is not None:
+        probs = e.op("Cast", [probs], "probs_down", to=A.probs_cast)
+    ctx_BKGSD = e.op("MatMul", [probs, e.op("Unsqueeze", [present_v, two], "v5")], "pv")
+    ctx_B2HSD = e.op("Reshape", [ctx_BKGSD, e.ints("ctx4_shape", 0, H2, -1, D)], "ctx4")
+    ctx_BS2HD = e.op("Transpose", [ctx_B2HSD], "ctx_t", perm=[0, 2, 1, 3])
+    ctx = e.op("Reshape", [ctx_BS2HD, e.ints("ctx_shape", 0, 0, H2 * D)], "ctx")  # [B,S,2H*D]
+    hd = arch.num_heads * D
+    split = e.node("Split", [ctx, e.ints("ctx_split", hd, hd)], "ctx_split", num_outputs=2, axis=-1)
+    ctx_a, ctx_b = split.outputs
+    return ctx_a, ctx_b
+
+
+def _rewire_outputs(
+    graph: ir.Graph,
+    A: _Attention,
+    B: _Attention,
+    ctx_a: ir.Value,
+    ctx_b: ir.Value,
+    present_k: ir.Value,
+    present_v: ir.Value,
+) -> None:
+    """o_proj reads the wide context; the wide present takes a's output position and b's outputs go; the branch
+    attentions, now unused, are removed."""
+    A.ctx.replace_all_uses_with(ctx_a)
+    B.ctx.replace_all_uses_with(ctx_b)
+    outs = graph.outputs
+    ia = list(outs).index(A.present_k)
+    outs[ia], outs[ia + 1] = present_k, present_v
+    for v in (B.present_k, B.present_v):
+        outs.pop(list(outs).index(v))
+    old = [
+        n for v in (A.present_k, A.present_v, B.present_k, B.present_v, A.ctx, B.ctx) if (n := v.producer()) is not None
+    ]
+    _remove_dead_cone(graph, old)
+
+
+def _rewire_inputs(graph: ir.Graph, A: _Attention, B: _Attention, past_k: ir.Value, past_v: ir.Value) -> None:
+    """The wide past takes a's input position and b's inputs go. The exporter reads the batch size off a cache
+    input (``Shape(past, 0, 1)``); batch, past length and head_dim are the same on the wide slot, only axis 1
+    (heads) differs, so such Shape reads move to the wide input; any other use left is a bug."""
+    for v, wide in ((A.past_k, past_k), (A.past_v, past_v), (B.past_k, past_k), (B.past_v, past_v)):
+        for u in consumers_of(v):
+            if u.op_type == "Shape" and 1 not in range(4)[slice(attr_int(u, "start", 0), _end(u))]:
+                u.replace_input_with(0, wide)
+        if v.uses():
+            raise GraphPassError(
+                f"cache input '{v.name}' is still used after merging its pair",
+                "report this model and --pairs as a bug, or export with --no-merge",
+            )
+    ins = graph.inputs
+    ja = list(ins).index(A.past_k)
+    ins[ja], ins[ja + 1] = past_k, past_v
+    for v in (B.past_k, B.past_v):
+        ins.pop(list(ins).index(v))
 
 
 def _widths_ok(att: _Attention, arch: ArchSpec) -> bool:

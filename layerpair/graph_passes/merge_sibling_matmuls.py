@@ -114,51 +114,17 @@ class MergeSiblingMatMulsPass(CountingPass):
         return _Sibling(mm, w, None, None)
 
     def _merge(self, graph: ir.Graph, x: ir.Value, sibs: list[_Sibling]) -> None:
+        """One wide MatMul (+ bias) of ``x``, split back into the siblings' outputs (or Concats of them)."""
         with_bias = all(s.bias is not None for s in sibs)
-        if not with_bias:
+        if not with_bias:  # each bias Add stays, reading its own piece of the split
             sibs = [_Sibling(s.matmul, s.weight, None, None) for s in sibs]
-        # Segments: a last-axis Concat fed only by siblings becomes one contiguous run, in Concat order.
-        by_out = {id(s.out): s for s in sibs}
-        segments: list[tuple[list[_Sibling], ir.Value | None]] = []
-        placed: set[int] = set()
-        for s in sibs:
-            if id(s.out) in placed:
-                continue
-            cat = self._concat_of_siblings(s.out, by_out)
-            if cat is not None:
-                run = [by_out[id(v)] for v in cat.inputs if v is not None]
-                segments.append((run, cat.outputs[0]))
-                placed.update(id(r.out) for r in run)
-            else:
-                segments.append(([s], None))
-                placed.add(id(s.out))
+        segments = self._segments(sibs)
         order = [s for run, _ in segments for s in run]
-        weights = [s.tensor for s in order]
-        k = tshape(weights[0])[0]
-        widths = [s.width for s in order]
         tag = f"lp_sib_{x.name}"
-        w_new = lazy_initializer(
-            graph,
-            f"{tag}.weight",
-            partial(_concat, weights, 1),
-            weights[0].dtype,
-            (k, sum(widths)),
-        )
-        new_nodes = [node("MatMul", [x, w_new], f"{tag}/matmul")]
-        y = new_nodes[-1].outputs[0]
-        if with_bias:
-            biases = [s.bias.const_value for s in order if s.bias is not None and s.bias.const_value is not None]
-            b_new = lazy_initializer(
-                graph,
-                f"{tag}.bias",
-                partial(_concat, biases, 0),
-                biases[0].dtype,
-                (sum(widths),),
-            )
-            new_nodes.append(node("Add", [y, b_new], f"{tag}/bias"))
-            y = new_nodes[-1].outputs[0]
-        seg_widths = [sum(s.width for s in run) for run, _ in segments]
+        new_nodes = _wide_matmul(graph, x, order, with_bias, tag)
+        y = new_nodes[-1].outputs[0]  # [..., sum of the widths]
         if len(segments) > 1:
+            seg_widths = [sum(s.width for s in run) for run, _ in segments]
             split = small_initializer(graph, f"{tag}.split", np.array(seg_widths, np.int64))
             new_nodes.append(node("Split", [y, split], f"{tag}/split", num_outputs=len(segments), axis=-1))
             pieces = list(new_nodes[-1].outputs)
@@ -177,6 +143,26 @@ class MergeSiblingMatMulsPass(CountingPass):
         remove_if_dead(graph, old)
         self.fired += 1
 
+    def _segments(self, sibs: list[_Sibling]) -> list[tuple[list[_Sibling], ir.Value | None]]:
+        """The siblings in wide-weight order, as runs: a last-axis Concat fed only by siblings becomes one
+        contiguous run in Concat order (paired with the Concat's output, which the split then replaces); every
+        other sibling is a run of its own (paired with None)."""
+        by_out = {id(s.out): s for s in sibs}
+        segments: list[tuple[list[_Sibling], ir.Value | None]] = []
+        placed: set[int] = set()
+        for s in sibs:
+            if id(s.out) in placed:
+                continue
+            cat = self._concat_of_siblings(s.out, by_out)
+            if cat is not None:
+                run = [by_out[id(v)] for v in cat.inputs if v is not None]
+                segments.append((run, cat.outputs[0]))
+                placed.update(id(r.out) for r in run)
+            else:
+                segments.append(([s], None))
+                placed.add(id(s.out))
+        return segments
+
     @staticmethod
     def _concat_of_siblings(out: ir.Value, by_out: dict[int, _Sibling]) -> ir.Node | None:
         users = consumers_of(out)
@@ -190,6 +176,21 @@ class MergeSiblingMatMulsPass(CountingPass):
         if len({id(v) for v in cat.inputs}) != len(cat.inputs):
             return None
         return cat
+
+
+def _wide_matmul(graph: ir.Graph, x: ir.Value, order: list[_Sibling], with_bias: bool, tag: str) -> list[ir.Node]:
+    """``x @ W_KN (+ b_N)`` with ``W_KN = [W_1 .. W_k]`` and ``b_N = [b_1 .. b_k]`` in ``order``, both
+    concatenated lazily (written tensor by tensor, never held twice); the new nodes, last one the result."""
+    weights = [s.tensor for s in order]
+    k = tshape(weights[0])[0]
+    widths = [s.width for s in order]
+    w_new = lazy_initializer(graph, f"{tag}.weight", partial(_concat, weights, 1), weights[0].dtype, (k, sum(widths)))
+    new_nodes = [node("MatMul", [x, w_new], f"{tag}/matmul")]
+    if with_bias:
+        biases = [s.bias.const_value for s in order if s.bias is not None and s.bias.const_value is not None]
+        b_new = lazy_initializer(graph, f"{tag}.bias", partial(_concat, biases, 0), biases[0].dtype, (sum(widths),))
+        new_nodes.append(node("Add", [new_nodes[-1].outputs[0], b_new], f"{tag}/bias"))
+    return new_nodes
 
 
 def _concat(tensors: list[ir.TensorProtocol], axis: int) -> np.ndarray:
