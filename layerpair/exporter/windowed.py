@@ -38,6 +38,7 @@ import onnx
 
 from layerpair.errors import ValidationError
 from layerpair.exporter.validate import ort_session, worse
+from layerpair.meter import return_freed_memory
 
 
 def residual_values(graph: onnx.GraphProto) -> list[str]:
@@ -315,16 +316,21 @@ def validate_windowed(
     windows = []
     n = len(blocks)  # the head (final norm, LM head) is a window of its own: its weights can be the largest
     for r in [*window_plan(blocks, block_bytes(skeleton), budget), range(n, n)]:
+        # PyTorch first, its weights dropped (and the heap trimmed) before ONNX Runtime maps the window's: the
+        # two never hold a window at once, so the peak is the larger of them, not their sum (the head of an 8B
+        # model is 2 GB in fp32, and a 16-bit graph's session adds its fp32 casts).
+        x_in = list(torch_w.x)
+        ref = torch_w.run([blocks[k] for k in r], r.start == 0, r.start == n)
+        return_freed_memory()
         w, wpath = _open_window(proto, path, residual, spec, blocks, r)
         try:
-            x_in = list(torch_w.x)
-            ref = torch_w.run([blocks[k] for k in r], r.start == 0, r.start == n)
             err = WindowError((r.start, r.stop), logits_normwise=spec.dtype != "float32")
             for k, st in enumerate(steps):
                 _compare_window(err, w, st, w.step(st, None if r.start == 0 else x_in[k], cache), ref[k], atol)
         finally:
             del w
             wpath.unlink(missing_ok=True)
+            return_freed_memory()
         windows.append(err)
         where = "head (final norm, LM head)" if r.start == n else f"blocks {r.start}-{r.stop - 1} of {n}"
         say(f"window: {where}: {err.summary()}")

@@ -13,12 +13,14 @@ import pytest
 from layerpair.arch import ArchSpec
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import export_onnx
+from layerpair.exporter.precision import within_dtype_tolerance
 from layerpair.exporter.validate import (
     Agreement,
     OrtRunner,
     Runner,
     TorchRunner,
     compare_runners,
+    record_reference,
     within_tolerance,
 )
 from tests.conftest import tiny_model
@@ -175,3 +177,46 @@ def test_mistral_longer_than_its_sliding_window(tmp_path: Path) -> None:
         compare_runners(OrtRunner(tmp_path / "merged.onnx", spec, threads=1), spec, TorchRunner(full), full.io), ATOL
     )
     assert {b.split(":")[0] for b in bad} >= {"prefill", "decode", "chunked"}, bad
+
+
+# ---- in-memory graphs: the unmerged graph validated on the Decoder's own tensors ----------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_in_memory_graph_agrees_and_leaves_the_model_unchanged(dtype: str) -> None:
+    import torch
+
+    from layerpair.exporter.onnx_export import build_model
+    from layerpair.iospec import IOSpec
+
+    hf = tiny_model("llama")
+    dec = Decoder.from_hf(hf, ArchSpec.from_hf_config(hf.config), [(1, 2)])
+    typed = dec if dtype == "float32" else dec.to(torch.float16)
+    typed.inv_freq = dec.inv_freq.float()
+    model = build_model(typed)
+    before = {n: type(v.const_value) for n, v in model.graph.initializers.items()}
+    spec = IOSpec.for_model(dec.arch, dec.pairs, dtype=dtype)
+    ref = record_reference(TorchRunner(Decoder.from_hf(hf, dec.arch, [(1, 2)])), dec.io)
+    res = compare_runners(OrtRunner(model, spec, threads=1, prepack=False), spec, ref, dec.io)
+    fp32 = dtype == "float32"
+    assert (within_tolerance(res, ATOL) if fp32 else within_dtype_tolerance(res, dtype, ref.cache_max(), ATOL)) == []
+    assert {n: type(v.const_value) for n, v in model.graph.initializers.items()} == before  # placeholders undone
+
+
+def test_in_memory_graph_reads_the_decoder_tensors_in_place() -> None:
+    """No copy: scaling a weight of the Decoder *after* the session was made changes ONNX Runtime's answer."""
+    import torch
+
+    from layerpair.exporter.onnx_export import build_model
+
+    hf = tiny_model("llama")
+    dec = Decoder.from_hf(hf, ArchSpec.from_hf_config(hf.config))
+    runner = OrtRunner(build_model(dec), dec.io, threads=1, prepack=False)
+    ids = np.array([[3, 5, 7, 9]], np.int64)
+    args = (ids, np.ones_like(ids), np.arange(4, dtype=np.int64)[None], [p.numpy() for p in dec.empty_past(1)])
+    first = runner.step(*args)[0].copy()
+    with torch.no_grad():
+        dec.layers[0].mlp.down_proj.mul_(3.0)
+    second = runner.step(*args)[0]
+    with torch.no_grad():
+        want = dec(*map(torch.from_numpy, args[:3]), *dec.empty_past(1))[0].numpy()
+    assert not np.allclose(first, second, atol=1e-3)
+    np.testing.assert_allclose(second, want, atol=ATOL)
