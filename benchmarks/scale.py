@@ -1,7 +1,7 @@
 """Export cost at scale: ``layerpair-export`` against onnxruntime-genai's builder on random-weight checkpoints of
 real shapes (SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B), one after another in one run, under a memory watchdog.
 
-    python -m benchmarks.scale [--shapes smollm2,llama-1b,llama-8b] [--tools layerpair,genai]
+    python -m benchmarks.scale [--shapes smollm2,llama-1b,llama-8b] [--tools layerpair,layerpair-fp16,genai]
         [--cache ~/.cache/layerpair/scale] [--out benchmarks/results/scale] [--limit-gb 22]
 
 Shapes, not weights, set the cost, so the checkpoints are random (N(0, 0.02), norms 1 + N(0, 0.1) so that every
@@ -31,7 +31,8 @@ from typing import Any
 from benchmarks.common import machine, now_utc, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = ("layerpair", "genai")
+TOOLS = ("layerpair", "layerpair-fp16", "genai")  # layerpair-fp16: the same job with --dtype fp16
+DEFAULT_TOOLS = ("layerpair", "genai")
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
@@ -159,8 +160,10 @@ def _patch_rope_theta(path: Path) -> None:
 def commands(ckpt: Path, pairs: str, work: Path, genai_venv: Path) -> dict[str, list[str]]:
     ours = Path(sys.executable).parent / "layerpair-export"
     genai = [str(genai_venv / "bin" / "python"), "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt)]
+    fp16 = ["--dtype", "fp16", "-o", str(work / "layerpair-fp16")]
     return {
         "layerpair": [str(ours), str(ckpt), "--pairs", pairs, "-o", str(work / "layerpair"), "--force"],
+        "layerpair-fp16": [str(ours), str(ckpt), "--pairs", pairs, *fp16],
         "genai": [*genai, "-o", str(work / "genai"), "-p", "fp32", "-e", "cpu", "-c", str(work / "genai-cache")],
     }
 
@@ -241,8 +244,8 @@ def run_shape(shape: str, args: argparse.Namespace, say: Any) -> list[dict[str, 
             rec.update(shape=shape, parameters=ck["parameters"], fp32_bytes=ck["fp32_bytes"], pairs=ck["pairs"])
             if "peak_rss_mb" in rec:
                 rec["peak_rss_over_fp32_bytes"] = round(rec["peak_rss_mb"] * 2**20 / ck["fp32_bytes"], 3)
-            report = Path(tmp) / "layerpair" / "report.json"
-            if tool == "layerpair" and report.is_file():
+            report = Path(tmp) / tool / "report.json"
+            if tool.startswith("layerpair") and report.is_file():
                 r = json.loads(report.read_text())
                 rec["stages"] = {"timings_s": r["timings_s"], "peak_rss_mb_by_stage": r["peak_rss_mb_by_stage"]}
                 rec["validation"] = r.get("validation_mode", "whole graph")
@@ -257,20 +260,27 @@ def markdown(res: dict[str, Any]) -> str:
         f"Export cost at scale, {res['date']} — {res['machine']['cpu']}, {res['machine']['logical_cores']} cores, "
         f"load average at start {res['machine']['load_average']}",
         "",
-        "| shape | parameters | tool | wall s | peak RSS MB | RSS / fp32 bytes | ours / genai wall | status |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        "| shape | parameters | tool | wall s | peak RSS MB | RSS / fp32 bytes | ours / genai wall | validation "
+        "| status |",
+        "|---|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in res["runs"]:
         genai = next((x for x in res["runs"] if x["shape"] == r["shape"] and x["tool"] == "genai"), {})
         ratio = ""
-        if r["tool"] == "layerpair" and r.get("wall_s") and genai.get("wall_s"):
+        if r["tool"].startswith("layerpair") and r.get("wall_s") and genai.get("wall_s"):
             ratio = f"{r['wall_s'] / genai['wall_s']:.2f}"
         lines.append(
             f"| {r['shape']} | {r['parameters'] / 1e9:.2f} B | {r['tool']} | {r.get('wall_s', '')} | "
             f"{r.get('peak_rss_mb', '')} | {r.get('peak_rss_over_fp32_bytes', '')} | {ratio} | "
-            f"{r['status']}{': ' + r['reason'] if r.get('reason') else ''} |"
+            f"{_mode(r)} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mode(run: dict[str, Any]) -> str:
+    """Which validation ran (layerpair rows): whole graph or window by window."""
+    v = run.get("validation")
+    return str(v.get("mode", "")) if isinstance(v, dict) else ""
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -298,7 +308,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="smollm2,llama-1b", help=f"comma list from {', '.join(SHAPES)}")
-    p.add_argument("--tools", default=",".join(TOOLS), type=lambda s: [t for t in s.split(",") if t])
+    p.add_argument("--tools", default=",".join(DEFAULT_TOOLS), type=lambda s: [t for t in s.split(",") if t])
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "layerpair" / "scale")
     p.add_argument("--work", type=Path, default=None, help="where exports are written (default: the temp dir)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale")
