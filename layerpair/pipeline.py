@@ -15,6 +15,7 @@ import json
 import platform
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from layerpair.exporter.loading import Checkpoint, load_checkpoint
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import DEFAULT_OPSET, build_model, save_model
 from layerpair.exporter.pairs import Pairs
+from layerpair.exporter.precision import record_unmerged
 from layerpair.exporter.validate import (
     VALIDATION_TEXT,
     Agreement,
@@ -191,29 +193,20 @@ def _whole_stages(
     """The fp32 PyTorch model in memory, recorded once; ONNX Runtime on the whole graph against that recording.
 
     With pairs to merge, the unmerged graph is validated in memory on the Decoder's own tensors (it is never
-    shipped, so never written), merged in memory and written once; the written file is validated after the
+    shipped, so never written) while the merged graph is written once; the written file is validated after the
     PyTorch model is freed, so no two copies of the weights are ever resident."""
-    from layerpair.engine.dtype import typed_export
-
-    with meter("load"):
-        dec = reference_decoder(ckpt, opts, pairs_for, progress)
-        typed = typed_export(dec, opts.dtype, ckpt.tokenizer, progress)  # --dtype: engine/dtype.py
-    with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
-        progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
-        reference = record_reference(TorchRunner(dec), dec.io, ckpt.tokenizer)
-    pairs = dec.pairs
-    validate = _Validator(typed, reference, dec.io, ckpt.tokenizer, opts, progress)
-    graph = build_model(typed.decoder or dec, opts.opset)  # weights lazy: the Decoder's own tensors
+    validate, exported, kept = _load_and_record(opts, ckpt, pairs_for, meter, progress)
+    return_freed_memory()  # --dtype: the fp32 Decoder, recorded, is gone
+    typed, pairs = validate.typed, exported.pairs
     spec, merge_info, typed_check = typed.spec, {"merged": False}, None  # spec: I/O of OUT/model.onnx
     if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
-        spec, graph, merge_info, typed_check = _merge_stages(graph, ckpt, pairs, spec, validate, meter, progress)
-    with meter("export"):
-        onnx_info = write_onnx(graph, tmp / "model.onnx", opts, pairs, progress)
-    keep = opts.engine is not None or opts.dtype == "bfloat16"  # GPU checks / bf16 still run PyTorch
-    if not keep:  # the session below maps the written weights: never next to the PyTorch copy
-        del dec, graph
-        typed.decoder = None
-        return_freed_memory()
+        spec, onnx_info, merge_info, typed_check = _merge_stages(exported, ckpt, spec, validate, tmp, meter)
+    else:
+        with meter("export"):
+            onnx_info = write_onnx(build_model(exported, opts.opset), tmp / "model.onnx", opts, pairs, progress)
+    del exported  # the session below maps the written weights: never next to a PyTorch copy (unless ``kept``)
+    typed.decoder = None if kept is None else typed.decoder
+    return_freed_memory()
     merged = bool(merge_info["merged"])
     with meter("validate_merged" if merged else "validate"):
         progress(f"validating the written {'merged ' if merged else ''}ONNX against PyTorch")
@@ -228,33 +221,59 @@ def _whole_stages(
         from layerpair.engine.stage import engine_from_onnx_dir
 
         with meter("engine"):
-            report["engine"] = engine_from_onnx_dir(tmp, spec, opts.engine, progress, dec, ckpt.tokenizer)
+            report["engine"] = engine_from_onnx_dir(tmp, spec, opts.engine, progress, kept, ckpt.tokenizer)
     return report
 
 
-def _merge_stages(
-    graph: ir.Model,
-    ckpt: Checkpoint,
-    pairs: Pairs,
-    spec: IOSpec,
-    validate: _Validator,
-    meter: Meter,
-    progress: Progress,
-) -> tuple[IOSpec, ir.Model, dict[str, Any], Any]:
-    """Validate the unmerged in-memory graph, record it (16-bit: the merged graph is held to it), merge it in
-    memory. Returns the merged spec, graph, report entries and the 16-bit merge check to run on the file."""
-    with meter("validate"):
-        progress("validating the unmerged graph (in memory, on the PyTorch tensors) against PyTorch")
-        agreement = validate(graph, spec, "ONNX Runtime", EXPORT_FIX)
-    with meter("merge"):
-        from layerpair.exporter.precision import record_unmerged  # 16-bit: merged held to unmerged
+def _load_and_record(
+    opts: ExportOptions, ckpt: Checkpoint, pairs_for: Callable[[int], Pairs], meter: Meter, progress: Progress
+) -> tuple[_Validator, Decoder, Decoder | None]:
+    """Load the fp32 reference Decoder, type it (--dtype), record its outputs once. Returns the validator (holding
+    the recording), the Decoder to export, and the fp32 Decoder where a later stage still runs it (``--trt``'s
+    GPU checks, bf16 validation) — else None: with ``--dtype`` the fp32 copy is freed here."""
+    from layerpair.engine.dtype import typed_export
 
-        n = ckpt.arch.num_parameters()
-        ref, ref_spec = validate.reference, validate.ref_spec
-        typed_check = record_unmerged(graph, spec, n, ref, ref_spec, ckpt.tokenizer, progress)
-        graph, merged_spec, merge_info = merge_in_memory(graph, ckpt.arch, pairs, spec.dtype, progress)
+    with meter("load"):
+        dec32 = reference_decoder(ckpt, opts, pairs_for, progress)
+        typed = typed_export(dec32, opts.dtype, ckpt.tokenizer, progress)  # --dtype: engine/dtype.py
+    with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
+        progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
+        reference = record_reference(TorchRunner(dec32), dec32.io, ckpt.tokenizer)
+    keep = opts.engine is not None or opts.dtype == "bfloat16"
+    validate = _Validator(typed, reference, dec32.io, ckpt.tokenizer, opts, progress)
+    return validate, typed.decoder or dec32, dec32 if keep else None
+
+
+def _merge_stages(
+    dec: Decoder, ckpt: Checkpoint, spec: IOSpec, validate: _Validator, tmp: Path, meter: Meter
+) -> tuple[IOSpec, dict[str, Any], dict[str, Any], Any]:
+    """Merge the pairs in memory and write the merged graph while the unmerged one is validated in memory.
+
+    The unmerged graph is never shipped, so never written: ONNX Runtime runs it on the Decoder's own tensors
+    (validate.ort_session). Writing is mostly disk time and validating CPU time, so the two overlap (a thread
+    writes; ``with ThreadPoolExecutor`` waits for it even when the validation fails, before the output is removed).
+    Returns the merged spec, the ``onnx`` report section, the merge's report entries and the 16-bit merge check
+    (run on the written file)."""
+    opts, say, pairs = validate.opts, validate.say, dec.pairs
+    with meter("merge"):
+        graph = build_model(dec, opts.opset)
+        merged, merged_spec, merge_info = merge_in_memory(graph, ckpt.arch, pairs, spec.dtype, say)
+    unmerged = build_model(dec, opts.opset)
+
+    def write() -> dict[str, Any]:
+        with meter("export"):
+            return write_onnx(merged, tmp / "model.onnx", opts, pairs, say)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="layerpair-write") as pool:
+        written = pool.submit(write)
+        with meter("validate"):
+            say("validating the unmerged graph in memory (on the PyTorch tensors) while the merged one is written")
+            agreement = validate(unmerged, spec, "ONNX Runtime", EXPORT_FIX)
+            ref, n = validate.reference, ckpt.arch.num_parameters()  # 16-bit: the merged graph is held to this
+            typed_check = record_unmerged(unmerged, spec, n, ref, validate.ref_spec, validate.tokenizer, say)
+        onnx_info = written.result()
     merge_info["agreement_unmerged"] = {k: a.to_json() for k, a in agreement.items()}
-    return merged_spec, graph, merge_info, typed_check
+    return merged_spec, onnx_info, merge_info, typed_check
 
 
 def _windowed_stages(

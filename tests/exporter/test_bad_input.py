@@ -113,12 +113,15 @@ def test_hub_id_without_network(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("pairs", ["none", "1:3"])
 def test_validation_failure_writes_nothing(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoints: dict[str, Path]
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoints: dict[str, Path], pairs: str
 ) -> None:
-    """An impossible tolerance forces the real failure path: exit 3, nothing written."""
+    """An impossible tolerance forces the real failure path: exit 3, nothing written — also with pairs, where the
+    unmerged graph fails its in-memory validation while the merged one is being written by another thread."""
     out = tmp_path / "out"
-    _fails(capsys, [str(tiny_checkpoints["llama"]), "-o", str(out), "--atol", "1e-30"], 3, "disagrees")
+    args = [str(tiny_checkpoints["llama"]), "--pairs", pairs, "-o", str(out), "--atol", "1e-30"]
+    _fails(capsys, args, 3, "disagrees")
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -187,9 +190,11 @@ def test_gguf_tensor_count_disagrees(capsys: pytest.CaptureFixture[str], tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_disk_full_while_writing_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pairs", ["none", "1:3"])
+def test_disk_full_while_writing_weights(tmp_path: Path, pairs: str) -> None:
     """Writing model.onnx.data past a file-size limit (EFBIG, as a full disk gives ENOSPC): one error line, exit 2,
-    no output and no temporary directory left."""
+    no output and no temporary directory left (with pairs the merged model is written by a thread, whose error
+    must surface the same way)."""
     import os
     import resource
     import signal
@@ -205,7 +210,7 @@ def test_disk_full_while_writing_weights(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     r = subprocess.run(
-        [sys.executable, "-m", "layerpair.cli", str(d), "-o", str(out)],
+        [sys.executable, "-m", "layerpair.cli", str(d), "--pairs", pairs, "-o", str(out)],
         capture_output=True,
         text=True,
         preexec_fn=limit_file_size,
