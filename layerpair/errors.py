@@ -56,15 +56,22 @@ class MissingDependencyError(LayerpairError):
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+def _short_write(e: OSError) -> bool:
+    """numpy's ``tofile`` (how onnx_ir writes a large tensor) reports a write cut short by a full disk without an
+    errno: "N requested and M written" or "Not enough free space to write N bytes after offset M"."""
+    msg = str(e)
+    return e.errno is None and (("requested and" in msg and "written" in msg) or "free space" in msg)
+
+
 @contextmanager
 def disk_full_as_output_error(what: str) -> Iterator[None]:
     """A full disk (or quota, or file-size limit) while writing ``what`` becomes one OutputError line."""
     try:
         yield
     except OSError as e:
-        if e.errno not in _FULL:
+        if e.errno not in _FULL and not _short_write(e):
             raise
         raise OutputError(
-            f"no space left while writing {what} ({e.strerror})",
+            f"no space left while writing {what} ({e.strerror or e})",
             "free disk space or choose another -o (an fp32 export needs ~4 bytes per parameter, twice while merging)",
         ) from None

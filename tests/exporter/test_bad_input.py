@@ -221,3 +221,24 @@ def test_disk_full_while_writing_weights(tmp_path: Path, pairs: str) -> None:
     assert r.returncode == 2 and last.startswith("error: no space left while writing"), r.stderr[-2000:]
     assert "model.onnx.data" in last and " — " in last
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_numpy_short_write_is_a_full_disk(tmp_path: Path) -> None:
+    """onnx_ir writes large tensors with numpy's ``tofile``, whose short write on a full disk carries no errno
+    ("N requested and M written"): it must still become the one-line OutputError, not a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, numpy as np\n"
+        "from layerpair.errors import disk_full_as_output_error, OutputError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        f"    with disk_full_as_output_error('w.bin'), open({str(tmp_path / 'w.bin')!r}, 'wb') as f:\n"
+        "        np.zeros(1 << 20, np.float32).tofile(f)\n"
+        "except OutputError as e:\n"
+        "    print('OutputError:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("OutputError: no space left while writing w.bin"), r.stderr
