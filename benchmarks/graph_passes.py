@@ -25,21 +25,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--external-data", action="store_true", help="write the merged weights to model.onnx.data")
     args = ap.parse_args(argv)
 
+    import onnx_ir as ir
+
     from layerpair.arch import ArchSpec
     from layerpair.exporter.loading import _load_config, resolve_source
-    from layerpair.graph_passes import merge_pairs, save_model
+    from layerpair.exporter.onnx_export import save_model
+    from layerpair.graph_passes import merge_pairs
 
     report = json.loads((args.export_dir / "report.json").read_text())
     pairs = [tuple(p) for p in report["pairs"]]
     arch = ArchSpec.from_hf_config(_load_config(resolve_source(args.model)))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    model, rep = merge_pairs(args.export_dir / "model.onnx", arch, pairs)  # type: ignore[arg-type]
+    model, rep = merge_pairs(ir.load(str(args.export_dir / "model.onnx")), arch, pairs)  # type: ignore[arg-type]
     merge_s = time.perf_counter() - t
     rss_merge = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        save_model(model, Path(tmp) / "model.onnx", external_data=args.external_data)
+        if not args.external_data:  # weights read from the export's .data are embedded
+            ir.external_data.load_to_model(model)
+        save_model(model, Path(tmp) / "model.onnx", args.external_data)
         save_s = time.perf_counter() - t
     out = {
         "pairs": report["pairs"],

@@ -38,8 +38,7 @@ from layerpair.exporter.validate import (
     record_reference,
 )
 from layerpair.exporter.windowed import validate_windowed
-from layerpair.graph_passes.merge import merge_pairs
-from layerpair.graph_passes.stage import merge_report
+from layerpair.graph_passes.merge import merge_pairs, merge_report
 from layerpair.iospec import IOSpec
 from layerpair.meter import Meter, counter_progress, return_freed_memory
 from layerpair.outdir import staged_output

@@ -61,15 +61,23 @@ def find_merge_hook() -> tuple[Callable[..., Any] | None, str]:
 def merged_onnx(
     fn: Callable[..., Any], src: Path, dst: Path, arch: ArchSpec, pairs: Pairs
 ) -> tuple[IOSpec, dict[str, Any]]:
-    """Merge ``src`` into ``dst`` with issue 3's ``merge_pairs(model_or_path, arch, pairs) -> (ir.Model, report)``.
+    """Merge ``src`` into ``dst`` with issue 3's ``merge_pairs(model, arch, pairs) -> (ir.Model, report)`` (the
+    graph passes do no file I/O: the model is loaded and the merged one written here).
 
     ``merge_pairs`` itself checks the result's I/O against ``IOSpec.for_model(arch, pairs, merged=True)``.
     Returns that spec and the pass report (passes fired, node and MatMul counts).
     """
-    gp = importlib.import_module("layerpair.graph_passes")
-    model, report = fn(src, arch, pairs)
+    import onnx_ir as ir
+
+    from layerpair.exporter.onnx_export import save_model
+    from layerpair.graph_passes.base import float_param_count
+
+    model, report = fn(ir.load(str(src)), arch, pairs)
     check_fully_merged(model, arch, pairs, report)
-    gp.save_model(model, dst)
+    external = float_param_count(model.graph) * 4 >= 2**31  # weights in model.onnx unless they cannot fit
+    if not external:  # weights read from the source's .data are embedded, not left as dangling references
+        ir.external_data.load_to_model(model)
+    save_model(model, dst, external)
     return IOSpec.for_model(arch, pairs, merged=True), report
 
 

@@ -1,14 +1,18 @@
-"""Shared pieces of the graph passes: a counting in-place pass base and small structural helpers.
+"""Shared pieces of the graph passes: the pass protocol and small structural helpers.
 
-Every pass is an ``onnx_ir.passes.InPlacePass`` that counts how often it fired (``fired``), so the export
-report can say which rewrites happened. Helpers here only *read* structure (producers, consumers, constants);
-no helper looks at initializer names — names carry no meaning for correctness.
+Every pass is an ``onnx_ir.passes.InPlacePass`` (``ir.Model -> ir.Model``, no file I/O) with the same report
+attributes (``CountingPass``): ``fired`` (how often its rewrite fired), ``rejections`` (why each candidate it
+matched was left alone), ``removed_parameters`` (parameters it removes on purpose, by report key) and
+``pair_outcomes`` (per pair, for passes that work pair by pair). A rewrite is written in three parts
+(``RewritePass``): ``pattern`` (the candidates it matches), ``check`` (None to accept a candidate, else the
+reason it must not fire there) and ``rewrite`` (the change). Helpers here only *read* structure (producers,
+consumers, constants); no helper looks at initializer names — names carry no meaning for correctness.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -16,6 +20,10 @@ import onnx_ir as ir
 from layerpair.errors import LayerpairError
 
 INT64_MAX = 2**63 - 1
+#: ``pair_outcomes`` value of a pair the pass rewrote (otherwise the value is the reason it did not).
+FIRED = "fired"
+
+C = TypeVar("C")
 
 
 class GraphPassError(LayerpairError):
@@ -23,24 +31,77 @@ class GraphPassError(LayerpairError):
 
 
 class CountingPass(ir.passes.InPlacePass):
-    """In-place pass that records how many times its rewrite fired (``fired``, reset on every call)."""
+    """In-place pass with the report attributes every pass shares (all reset on every call).
+
+    ``needs_rewrites``: the driver (``merge.run_passes``) runs the pass only when an earlier pass fired (a tidy-up
+    such as ``CleanupPass``: a model nothing was merged in comes back exactly as it went in). ``per_pair``: the
+    pass fills ``pair_outcomes`` (``FIRED`` or why not, per pair), which the report lists per pair.
+    """
 
     #: Report key; subclasses override.
     name = "pass"
+    needs_rewrites = False
+    per_pair = False
 
     def __init__(self) -> None:
         super().__init__()
         self.fired = 0
+        self.rejections: list[str] = []
+        self.removed_parameters: dict[str, int] = {}
+        self.pair_outcomes: dict[tuple[int, int], str] = {}
+
+    def reset(self) -> None:
+        self.fired = 0
+        self.rejections = []
+        self.removed_parameters = {}
+        self.pair_outcomes = {}
+
+
+class RewritePass(CountingPass, Generic[C]):
+    """A rewrite in three parts, run by ``call``: for each candidate of ``pattern`` (generated lazily, so a
+    candidate is matched on the graph as the earlier rewrites left it), ``check`` returns None to accept it —
+    then ``rewrite`` changes the graph and ``fired`` counts it — or the reason it must not fire there, recorded
+    in ``rejections`` as ``"<where>: <reason>"`` (``where``: see ``describe``)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.fired = 0
-        self.rewrite(model.graph)
-        if self.fired:
-            model.graph.sort()  # new nodes are appended; restore topological order
+        self.reset()
+        self.start(model)
+        for candidate in self.pattern(model):
+            reason = self.check(model, candidate)
+            if reason is not None:
+                self.rejections.append(f"{self.describe(candidate)}: {reason}")
+                self.rejected(candidate, reason)
+                continue
+            self.rewrite(model, candidate)
+            self.fired += 1
+        self.finish(model)
         return ir.passes.PassResult(model, modified=self.fired > 0)
 
-    def rewrite(self, graph: ir.Graph) -> None:
+    def pattern(self, model: ir.Model) -> Iterator[C]:
+        """The candidates the rewrite matches (structure only), in a fixed order."""
         raise NotImplementedError
+
+    def check(self, model: ir.Model, candidate: C) -> str | None:
+        """None when the rewrite may fire on ``candidate``, else the reason it must not."""
+        return None
+
+    def rewrite(self, model: ir.Model, candidate: C) -> None:
+        raise NotImplementedError
+
+    def describe(self, candidate: C) -> str:
+        """Where a candidate is, for the report (a node's name by default)."""
+        return str(getattr(candidate, "name", candidate))
+
+    def start(self, model: ir.Model) -> None:
+        """Before the first candidate."""
+
+    def rejected(self, candidate: C, reason: str) -> None:
+        """After ``check`` rejected ``candidate`` (recorded in ``rejections`` already)."""
+
+    def finish(self, model: ir.Model) -> None:
+        """After the last candidate: new nodes are appended, so restore topological order."""
+        if self.fired:
+            model.graph.sort()
 
 
 # ---- reading structure ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +11,10 @@ import onnx_ir as ir
 
 from layerpair.arch import ArchSpec
 from layerpair.graph_passes.base import (
+    FIRED,
     INT64_MAX,
-    CountingPass,
     GraphPassError,
+    RewritePass,
     attr_int,
     attr_ints,
     const,
@@ -25,8 +26,6 @@ from layerpair.graph_passes.base import (
 )
 from layerpair.graph_passes.patterns import Rotary, UnitRMSNorm, match_rmsnorm, match_rotary
 from layerpair.iospec import IOSpec
-
-FIRED = "fired"
 
 
 @dataclass(frozen=True)
@@ -219,56 +218,84 @@ def _single_chain(v: ir.Value, ops: Sequence[str]) -> list[ir.Node | None] | Non
     return out
 
 
-class MergeAttentionPass(CountingPass):
+@dataclass(frozen=True)
+class _Pair:
+    """A pair's two attentions as matched (a's, then b's), or why a branch does not match."""
+
+    pair: tuple[int, int]
+    branches: tuple[_Attention, _Attention] | str
+
+
+class MergeAttentionPass(RewritePass[_Pair]):
     """Merge a pair's attentions into one wide attention.
 
-        Pattern, for pair (a, b) sharing positions (cos, sin), mask (keep, fill) and scale::
+    Pattern, for pair (a, b) sharing positions (cos, sin), mask (keep, fill) and scale::
 
-            ctx_a = Attn(q_a, k_a, v_a; past_a),  ctx_b = Attn(q_b, k_b, v_b; past_b)
-                ==>
-            [ctx_a | ctx_b] = Attn([q_a | q_b], [k_a | k_b], [v_a | v_b]; past_ab)   over 2H / 2·KVH heads
+        ctx_a = Attn(q_a, k_a, v_a; past_a),  ctx_b = Attn(q_b, k_b, v_b; past_b)
+            ==>
+        [ctx_a | ctx_b] = Attn([q_a | q_b], [k_a | k_b], [v_a | v_b]; past_ab)   over 2H / 2·KVH heads
 
-        Heads of a come first, then heads of b, for q and for k/v, so the grouped-query map q-head h ->
-        kv-head h // G is the same on the wide tensors. Rotary runs once on the wide q and k; Qwen3's q/k norm
-        runs per head with each branch's scale (a [2,1,D] scale on a [B,S,2,H,D] view — no weight copied).
-        The cache slot becomes ``past_key_values.{a}_{b}.key|value`` / ``present.{a}_{b}.key|value`` with
-        2·KVH heads, at the position of a's slot (see ``layerpair.iospec``). The wide q/k/v are Concats of the
-        branch projections, which ``MergeSiblingMatMulsPass`` then turns into one QKV MatMul; the per-branch
-        contexts are a Split that ``MergeReducingMatMulsPass`` folds into one o_proj.
+    Heads of a come first, then heads of b, for q and for k/v, so the grouped-query map q-head h ->
+    kv-head h // G is the same on the wide tensors. Rotary runs once on the wide q and k; Qwen3's q/k norm
+    runs per head with each branch's scale (a [2,1,D] scale on a [B,S,2,H,D] view — no weight copied).
+    The cache slot becomes ``past_key_values.{a}_{b}.key|value`` / ``present.{a}_{b}.key|value`` with
+    2·KVH heads, at the position of a's slot (see ``layerpair.iospec``). The wide q/k/v are Concats of the
+    branch projections, which ``MergeSiblingMatMulsPass`` then turns into one QKV MatMul; the per-branch
+    contexts are a Split that ``MergeReducingMatMulsPass`` folds into one o_proj.
 
-        Must not fire when: either branch does not match the exporter's attention structure; the branches use
-        different cos/sin, mask, fill or scale (e.g. different sliding windows); q/k norm on one branch only or
-        with different eps. (The pass then leaves the pair alone and records why in ``results``; ``merge_pairs``
-    fails with that reason.)
+    Must not fire when: either branch does not match the exporter's attention structure; the branches use
+    different cos/sin, mask, fill or scale (e.g. different sliding windows); q/k norm on one branch only or
+    with different eps; one branch reads the other's result (sequential layers). The pass then leaves the
+    pair alone and records why in ``pair_outcomes`` (and ``rejections``); ``merge_pairs`` fails with that reason.
 
-        Invariant: same function; parameter count unchanged. Fires once per merged pair.
+    Pattern (``pattern``): per requested pair, each branch's attention matched from its cache inputs/outputs
+    (``check_attention``, widths the config's), or the first reason a branch does not match. Check (``check``):
+    that reason, else why the two cannot share one attention. Rewrite (``rewrite``): the wide attention.
+
+    Invariant: same function; parameter count unchanged. Fires once per merged pair.
     """
 
     name = "merge_attention"
+    per_pair = True
 
     def __init__(self, arch: ArchSpec, pairs: Sequence[tuple[int, int]]) -> None:
         super().__init__()
         self.arch = arch
         self.pairs = tuple(pairs)
-        #: per pair: ``FIRED`` or the reason the pair was left alone (reset on every call)
-        self.results: dict[tuple[int, int], str] = {}
 
-    def rewrite(self, graph: ir.Graph) -> None:
-        self.results = {}
-        merged = IOSpec.for_model(self.arch, self.pairs, merged=True)
+    def pattern(self, model: ir.Model) -> Iterator[_Pair]:
         for a, b in self.pairs:
-            found = self._branches(graph, a, b)
-            if isinstance(found, str):
-                self.results[(a, b)] = found
-                continue
-            slot = next(s for s in merged.slots if s.layers == (a, b))
-            dims = {t.name: t.dims for t in [*merged.inputs, *merged.outputs]}  # the one I/O spec's dims
-            self._merge(graph, *found, slot.past_key, slot.past_value, slot.present_key, slot.present_value, dims)
-            self.results[(a, b)] = FIRED
-            self.fired += 1
+            yield _Pair((a, b), self._match_branches(model.graph, a, b))
 
-    def _branches(self, graph: ir.Graph, a: int, b: int) -> tuple[_Attention, _Attention] | str:
-        """Both branches' attentions, matched and mergeable, or the reason they are not."""
+    def check(self, model: ir.Model, candidate: _Pair) -> str | None:
+        if isinstance(candidate.branches, str):
+            return candidate.branches
+        A, B = candidate.branches
+        why = _incompatibility(A, B)
+        if why is not None:
+            return f"the branches differ: {why}"
+        if not _independent(A, B):
+            a, b = candidate.pair
+            return f"layer {b} reads layer {a}'s attention result (sequential layers, not a pair)"
+        return None
+
+    def describe(self, candidate: _Pair) -> str:
+        return f"pair {candidate.pair[0]}-{candidate.pair[1]}"
+
+    def rejected(self, candidate: _Pair, reason: str) -> None:
+        self.pair_outcomes[candidate.pair] = reason
+
+    def rewrite(self, model: ir.Model, candidate: _Pair) -> None:
+        assert not isinstance(candidate.branches, str)  # check
+        merged = IOSpec.for_model(self.arch, self.pairs, merged=True)
+        slot = next(s for s in merged.slots if s.layers == candidate.pair)
+        dims = {t.name: t.dims for t in [*merged.inputs, *merged.outputs]}  # the one I/O spec's dims
+        A, B = candidate.branches
+        self._merge(model.graph, A, B, slot.past_key, slot.past_value, slot.present_key, slot.present_value, dims)
+        self.pair_outcomes[candidate.pair] = FIRED
+
+    def _match_branches(self, graph: ir.Graph, a: int, b: int) -> tuple[_Attention, _Attention] | str:
+        """Both branches' attentions, matched, or the reason one does not match."""
         slots = {s.layers[0]: s for s in IOSpec.for_model(self.arch, (), merged=False).slots}
         inputs = {v.name: v for v in graph.inputs}
         outputs = {v.name: v for v in graph.outputs}
@@ -287,11 +314,6 @@ class MergeAttentionPass(CountingPass):
             if not _widths_ok(found, self.arch):
                 return f"layer {i}: q/k/v projection widths are not the config's"
             att.append(found)
-        why = _incompatibility(att[0], att[1])
-        if why is not None:
-            return f"the branches differ: {why}"
-        if not _independent(att[0], att[1]):
-            return f"layer {b} reads layer {a}'s attention result (sequential layers, not a pair)"
         return att[0], att[1]
 
     def _merge(

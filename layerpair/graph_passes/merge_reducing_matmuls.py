@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -10,7 +11,7 @@ import onnx_ir as ir
 
 from layerpair.graph_passes.base import (
     INT64_MAX,
-    CountingPass,
+    RewritePass,
     attr_int,
     is_weight,
     lazy_initializer,
@@ -21,6 +22,8 @@ from layerpair.graph_passes.base import (
     small_initializer,
     tshape,
 )
+
+REPORT_KEY = "summed_biases"
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,18 @@ class _Proj:
         return ([self.bias_add] if self.bias_add is not None else []) + [self.matmul]
 
 
-class MergeReducingMatMulsPass(CountingPass):
+@dataclass(frozen=True)
+class _Sum:
+    """``outer = [residual +] pa + pb`` (``inner``: the Add of the residual and ``pa``, when present)."""
+
+    outer: ir.Node
+    pa: _Proj
+    pb: _Proj
+    inner: ir.Node | None
+    residual: ir.Value | None
+
+
+class MergeReducingMatMulsPass(RewritePass[_Sum]):
     """Merge the output projections of a pair (o_proj, down_proj).
 
     Pattern (``Wa`` [Ka, N], ``Wb`` [Kb, N] constant; ``ba``, ``bb`` optional constant biases [N]; the inner
@@ -63,22 +77,45 @@ class MergeReducingMatMulsPass(CountingPass):
     length N used only here (then the projection is not matched at all); N or dtypes differ; ``a`` or ``b``
     is not rank-3+ on the same leading dims (checked through shapes when known).
 
+    Pattern (``pattern``): each ``Add`` (graph order, both operand orders) of two projections, or of a residual
+    sum and a projection — the single-use, rank-2-weight and bias conditions above. Check (``check``): N and
+    dtypes agree and ``a``, ``b`` are two tensors, else the reason. Rewrite (``rewrite``): the stacked MatMul.
+
     Invariant: same function up to the order of the fp32 sum (and, with two biases, one rounding of
     ``ba + bb`` in the weights' dtype); the parameter count drops by exactly N per merged pair of biases
-    (``summed_bias_parameters``), weights are stacked lazily. Fires once per merged sum.
+    (``removed_parameters["summed_biases"]``), weights are stacked lazily. Fires once per merged sum.
     """
 
     name = "merge_reducing_matmuls"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.summed_bias_parameters = 0
+    @property
+    def summed_bias_parameters(self) -> int:
+        return self.removed_parameters.get(REPORT_KEY, 0)
 
-    def rewrite(self, graph: ir.Graph) -> None:
-        self.summed_bias_parameters = 0
+    def start(self, model: ir.Model) -> None:
+        self.removed_parameters[REPORT_KEY] = 0
+
+    def pattern(self, model: ir.Model) -> Iterator[_Sum]:
+        graph = model.graph
         for add in list(graph):
             if add.graph is graph and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
-                self._try(graph, add)
+                yield from self._sums(graph, add)
+
+    def check(self, model: ir.Model, candidate: _Sum) -> str | None:
+        ta, tb = candidate.pa.weight, candidate.pb.weight
+        a, b = candidate.pa.matmul.inputs[0], candidate.pb.matmul.inputs[0]
+        if a is None or b is None or a is b:
+            return "both projections read the same tensor (or none)"
+        if ta.shape[1] != tb.shape[1] or ta.dtype != tb.dtype:
+            return f"the weights differ in N or dtype ({tshape(ta)} {ta.dtype} vs {tshape(tb)} {tb.dtype})"
+        return None
+
+    def describe(self, candidate: _Sum) -> str:
+        return str(candidate.outer.name)
+
+    def rewrite(self, model: ir.Model, candidate: _Sum) -> None:
+        c = candidate
+        self._merge(model.graph, c.outer, c.pa, c.pb, c.inner, c.residual)
 
     def _proj(self, graph: ir.Graph, v: ir.Value | None) -> _Proj | None:
         """``v = x @ W`` or ``v = x @ W + b``, every intermediate single-use, else None."""
@@ -107,7 +144,8 @@ class MergeReducingMatMulsPass(CountingPass):
                 return None
         return _Proj(mm, w.const_value, bias_add if bias is not None else None, bias)
 
-    def _try(self, graph: ir.Graph, outer: ir.Node) -> None:
+    def _sums(self, graph: ir.Graph, outer: ir.Node) -> Iterator[_Sum]:
+        """``outer`` as a sum of two projections, for each operand order; none after one was merged."""
         lhs, rhs = outer.inputs[0], outer.inputs[1]
         for p, q in ((lhs, rhs), (rhs, lhs)):
             pb = self._proj(graph, q)
@@ -127,7 +165,9 @@ class MergeReducingMatMulsPass(CountingPass):
                         break
                 if pa is None:
                     continue
-            if self._merge(graph, outer, pa, pb, inner, residual):
+            fired = self.fired
+            yield _Sum(outer, pa, pb, inner, residual)
+            if self.fired != fired:
                 return
 
     def _merge(
@@ -138,11 +178,11 @@ class MergeReducingMatMulsPass(CountingPass):
         pb: _Proj,
         inner: ir.Node | None,
         residual: ir.Value | None,
-    ) -> bool:
+    ) -> None:
+        """The checked sum as one MatMul over the joint input (``check`` accepted it)."""
         ta, tb = pa.weight, pb.weight
         a, b = pa.matmul.inputs[0], pb.matmul.inputs[0]
-        if a is None or b is None or ta.shape[1] != tb.shape[1] or ta.dtype != tb.dtype or a is b:
-            return False
+        assert a is not None and b is not None
         tag = f"lp_red_{outer.outputs[0].name}"
         new_nodes: list[ir.Node] = []
         joint = self._covering(graph, a, b, tag, new_nodes)
@@ -160,7 +200,7 @@ class MergeReducingMatMulsPass(CountingPass):
             bias = lazy_initializer(graph, f"{tag}.bias", partial(_sum, biases), ta.dtype, (n_out,))
             new_nodes.append(node("Add", [y, bias], f"{tag}/bias"))
             y = new_nodes[-1].outputs[0]
-            self.summed_bias_parameters += n_out * (len(biases) - 1)
+            self.removed_parameters[REPORT_KEY] += n_out * (len(biases) - 1)
         if residual is not None:
             new_nodes.append(node("Add", [residual, y], f"{tag}/residual"))
             y = new_nodes[-1].outputs[0]
@@ -169,8 +209,6 @@ class MergeReducingMatMulsPass(CountingPass):
         split = producer(a, "Split")  # dead when the MatMul now reads the tensor it split
         old = [outer] + ([inner] if inner is not None else []) + [n for p in (pa, pb) for n in p.nodes]
         remove_if_dead(graph, old + ([split] if split else []))
-        self.fired += 1
-        return True
 
     @staticmethod
     def _covering(graph: ir.Graph, a: ir.Value, b: ir.Value, tag: str, new_nodes: list[ir.Node]) -> ir.Value | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from layerpair.graph_passes.base import (
-    CountingPass,
+    RewritePass,
     attr_int,
     consumers_of,
     is_weight,
@@ -44,7 +44,15 @@ class _Sibling:
         return tshape(self.tensor)[1]
 
 
-class MergeSiblingMatMulsPass(CountingPass):
+@dataclass(frozen=True)
+class _Group:
+    """Two or more siblings reading ``x``, in graph order."""
+
+    x: ir.Value
+    siblings: list[_Sibling]
+
+
+class MergeSiblingMatMulsPass(RewritePass[_Group]):
     """Merge the projections that read one activation.
 
     Pattern (``W_j`` constant [K, N_j], optional constant bias ``b_j`` [N_j] added right after)::
@@ -63,6 +71,11 @@ class MergeSiblingMatMulsPass(CountingPass):
     or differs in K or dtype; a sibling's output is a graph output; the activation is outside ``scope``
     (value names; None = everywhere).
 
+    Pattern (``pattern``): the activations (in ``scope``) read by two or more siblings — MatMuls with their own
+    rank-2 initializer weight (used nowhere else) whose output is not a graph output; all groups are found
+    before any is merged. Check (``check``): the siblings' weights agree in K and dtype, else the reason.
+    Rewrite (``rewrite``): the wide MatMul and its split.
+
     Invariant: same function, per output column the same dot products (each bias element is added to its
     own column); parameter count unchanged (weights and biases are concatenated lazily, never duplicated).
     Fires once per merged group.
@@ -74,7 +87,8 @@ class MergeSiblingMatMulsPass(CountingPass):
         super().__init__()
         self.scope = scope
 
-    def rewrite(self, graph: ir.Graph) -> None:
+    def pattern(self, model: ir.Model) -> Iterator[_Group]:
+        graph = model.graph
         groups: dict[int, tuple[ir.Value, list[_Sibling]]] = {}
         for n in list(graph):
             if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
@@ -85,9 +99,21 @@ class MergeSiblingMatMulsPass(CountingPass):
             s = self._sibling(graph, n)
             if s is not None:
                 groups.setdefault(id(x), (x, []))[1].append(s)
-        for x, sibs in groups.values():
-            if len(sibs) >= 2 and len({(tshape(s.tensor)[0], s.tensor.dtype) for s in sibs}) == 1:
-                self._merge(graph, x, sibs)
+        found = [_Group(x, sibs) for x, sibs in groups.values() if len(sibs) >= 2]
+        yield from found
+
+    def check(self, model: ir.Model, candidate: _Group) -> str | None:
+        kinds = {(tshape(s.tensor)[0], s.tensor.dtype) for s in candidate.siblings}
+        if len(kinds) != 1:
+            got = ", ".join(f"K={k} {dtype}" for k, dtype in sorted(kinds, key=str))
+            return f"the weights of the MatMuls reading it differ in K or dtype ({got})"
+        return None
+
+    def describe(self, candidate: _Group) -> str:
+        return str(candidate.x.name)
+
+    def rewrite(self, model: ir.Model, candidate: _Group) -> None:
+        self._merge(model.graph, candidate.x, candidate.siblings)
 
     @staticmethod
     def _sibling(graph: ir.Graph, mm: ir.Node) -> _Sibling | None:
@@ -141,7 +167,6 @@ class MergeSiblingMatMulsPass(CountingPass):
             for s in run:
                 old += [s.matmul] + ([s.bias_add] if s.bias_add is not None else [])
         remove_if_dead(graph, old)
-        self.fired += 1
 
     def _segments(self, sibs: list[_Sibling]) -> list[tuple[list[_Sibling], ir.Value | None]]:
         """The siblings in wide-weight order, as runs: a last-axis Concat fed only by siblings becomes one

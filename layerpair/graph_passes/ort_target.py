@@ -32,6 +32,7 @@ class OrtFusionPass(CountingPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+        self.reset()
         out, counts = optimize_for_ort(model)
         if out is not model:  # keep the in-place contract of CountingPass
             raise ir.passes.PassError("optimize_for_ort returned a new model; expected an in-place rewrite")

@@ -42,7 +42,7 @@ def test_benchmark_weights_merge_fully_with_every_pass_firing(tmp_path: Path) ->
 
 def test_a_merge_whose_norm_folding_did_not_fire_fails(tmp_path: Path) -> None:
     """The committed figures' failure: a wide-looking graph timed although fold_norm_scales fired 0 times."""
-    model, report = merge_pairs(_export(measure.bench_decoder(ARCH), tmp_path), ARCH, PAIRS)
+    model, report = merge_pairs(ir.load(str(_export(measure.bench_decoder(ARCH), tmp_path))), ARCH, PAIRS)
     exports.check_fully_merged(model, ARCH, PAIRS, report)  # as merged: fine
     report["passes"]["fold_norm_scales"] = 0
     with pytest.raises(GraphPassError, match="passes that did not fire: fold_norm_scales"):
@@ -53,8 +53,7 @@ def test_a_merge_that_left_the_pair_as_two_branches_fails(tmp_path: Path) -> Non
     """A merge hook that reports every pass fired but returns the graph unmerged is caught from the graph."""
     src = _export(measure.bench_decoder(ARCH), tmp_path)
 
-    def fake_merge(path: Path, arch: Any, pairs: Any) -> tuple[ir.Model, dict[str, Any]]:
-        model = ir.load(str(path))
+    def fake_merge(model: ir.Model, arch: Any, pairs: Any) -> tuple[ir.Model, dict[str, Any]]:
         matmuls = sum(n.op_type == "MatMul" for n in model.graph)
         return model, {"passes": dict.fromkeys(exports.MERGE_PASSES, 1), "matmuls_before": matmuls}
 

@@ -16,11 +16,10 @@ from layerpair.engine.dtype import typed_decoder, within_dtype_tolerance
 from layerpair.errors import ValidationError
 from layerpair.exporter import precision
 from layerpair.exporter.model import Decoder
-from layerpair.exporter.onnx_export import export_onnx
+from layerpair.exporter.onnx_export import export_onnx, save_model
 from layerpair.exporter.precision import MERGE_TOLERANCE, TypedMergeCheck, record_unmerged
 from layerpair.exporter.validate import OrtRunner, RecordedRunner, TorchRunner, compare_runners, record_reference
-from layerpair.graph_passes import merge_pairs, save_model
-from layerpair.graph_passes.stage import merged_onnx_from_onnx
+from layerpair.graph_passes import merge_pairs
 from layerpair.iospec import IOSpec
 from tests.conftest import run_cli, tiny_model
 
@@ -54,10 +53,18 @@ def _typed(fp32: Fp32, dtype: str, root: Path) -> tuple[Path, IOSpec, TypedMerge
     return path, spec, check, said
 
 
+def _merged(path: Path, fp32: Fp32, dtype: str) -> tuple[Path, IOSpec]:
+    """The pair merged in memory and written beside the unmerged graph (the graph passes do no file I/O)."""
+    model, _ = merge_pairs(ir.load(str(path)), fp32.arch, [PAIR])
+    merged = path.with_name("merged.onnx")
+    save_model(model, merged, external_data=True)
+    return merged, IOSpec.for_model(fp32.arch, [PAIR], merged=True, dtype=dtype)
+
+
 def test_fp16_merged_graph_is_held_to_the_unmerged_one(fp32: Fp32, tmp_path: Path) -> None:
     path, _, check, _ = _typed(fp32, "float16", tmp_path)
-    mspec, _ = merged_onnx_from_onnx(path, fp32.arch, [PAIR], "float16")
-    entry = check.compare(path, mspec, lambda _: None)["typed_merge_check"]
+    merged, mspec = _merged(path, fp32, "float16")
+    entry = check.compare(merged, mspec, lambda _: None)["typed_merge_check"]
     assert entry["executed"] and entry["runtime"] == "onnxruntime"
     assert entry["tolerance"]["logits_max_rel"] == MERGE_TOLERANCE["float16"] == 8 * 2.0**-11
     for case in ("prefill", "decode", "chunked", "padded"):
@@ -68,14 +75,14 @@ def test_fp16_merge_bug_hidden_by_the_dtype_tolerance_is_caught(fp32: Fp32, tmp_
     """One branch's down projection scaled by 1.05 in the merged graph: within fp16's 2e-2 of the fp32 reference,
     beyond 8 unit roundoffs of the unmerged fp16 graph."""
     path, _, check, _ = _typed(fp32, "float16", tmp_path)
-    model, _ = merge_pairs(path, fp32.arch, [PAIR])
+    model, _ = merge_pairs(ir.load(str(path)), fp32.arch, [PAIR])
     i = fp32.arch.intermediate_size
     down = next(v for v in model.graph.initializers.values() if v.name.startswith("lp_red") and v.shape[0] == 2 * i)
     w = down.const_value.numpy().copy()
     w[i:] *= 1.05
     down.const_value = ir.tensor(w)
     bad = tmp_path / "bad.onnx"
-    save_model(model, bad)
+    save_model(model, bad, external_data=True)
     mspec = IOSpec.for_model(fp32.arch, [PAIR], merged=True, dtype="float16")
     vs_fp32 = compare_runners(OrtRunner(bad, mspec), mspec, fp32.reference, fp32.dec.io)
     assert within_dtype_tolerance(vs_fp32, "float16", fp32.reference.cache_max(), 1e-4) == []  # it hides there
@@ -88,8 +95,8 @@ def test_bf16_graph_runs_on_the_reference_evaluator(fp32: Fp32, tmp_path: Path) 
     vs_fp32 = check.report["vs_fp32_reference"]
     # Really bf16 arithmetic (not an fp32 run in disguise), and within the bf16 tolerance of the fp32 reference.
     assert all(1e-3 < a["max_rel"] <= 8e-2 for a in vs_fp32.values())
-    mspec, _ = merged_onnx_from_onnx(path, fp32.arch, [PAIR], "bfloat16")
-    entry = check.compare(path, mspec, said.append)["typed_merge_check"]
+    merged, mspec = _merged(path, fp32, "bfloat16")
+    entry = check.compare(merged, mspec, said.append)["typed_merge_check"]
     assert entry["executed"] and entry["runtime"] == "onnx.reference"
     assert all(a["max_rel"] <= MERGE_TOLERANCE["bfloat16"] for a in entry["agreement"].values())
     assert any("merged vs unmerged bfloat16 graph (onnx.reference)" in s for s in said)
@@ -102,8 +109,8 @@ def test_bf16_beyond_the_evaluator_says_it_was_not_executed(
     path, _, check, said = _typed(fp32, "bfloat16", tmp_path)
     assert check.unmerged is None
     assert len(said) == 1 and "the bf16 ONNX graph was NOT executed" in said[0]
-    mspec, _ = merged_onnx_from_onnx(path, fp32.arch, [PAIR], "bfloat16")
-    entry = check.compare(path, mspec, lambda _: None)["typed_merge_check"]
+    merged, mspec = _merged(path, fp32, "bfloat16")
+    entry = check.compare(merged, mspec, lambda _: None)["typed_merge_check"]
     assert entry == {"dtype": "bfloat16", "executed": False, "reason": said[0]}
 
 

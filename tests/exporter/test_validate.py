@@ -155,7 +155,10 @@ def test_mistral_longer_than_its_sliding_window(tmp_path: Path) -> None:
     """Tiny Mistral, window 6: the 16-token prefill, the decode steps and the 5-token chunk after 20 cached
     tokens all reach past the window. The merged pair's ONNX agrees with PyTorch on all four cases, and the
     same check fails against a reference without the window (so the window is what is being checked)."""
-    from layerpair.graph_passes import merge_pairs, save_model
+    import onnx_ir as ir
+
+    from layerpair.exporter.onnx_export import save_model
+    from layerpair.graph_passes import merge_pairs
     from layerpair.iospec import IOSpec
 
     hf = tiny_model("mistral")
@@ -163,8 +166,8 @@ def test_mistral_longer_than_its_sliding_window(tmp_path: Path) -> None:
     assert set(arch.sliding_windows) == {6}
     dec = Decoder.from_hf(hf, arch, [(1, 2)])
     export_onnx(dec, tmp_path / "model.onnx")
-    model, _ = merge_pairs(tmp_path / "model.onnx", arch, [(1, 2)])
-    save_model(model, tmp_path / "merged.onnx")
+    model, _ = merge_pairs(ir.load(str(tmp_path / "model.onnx")), arch, [(1, 2)])
+    save_model(model, tmp_path / "merged.onnx", external_data=True)
     spec = IOSpec.for_model(arch, [(1, 2)], merged=True)
     res = compare_runners(OrtRunner(tmp_path / "merged.onnx", spec, threads=1), spec, TorchRunner(dec), dec.io)
     assert within_tolerance(res, ATOL) == [], {k: a.to_json() for k, a in res.items()}

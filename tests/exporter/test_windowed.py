@@ -8,16 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from layerpair.arch import ArchSpec
 from layerpair.cli import main
 from layerpair.errors import ValidationError
 from layerpair.exporter.model import Decoder
-from layerpair.exporter.onnx_export import export_onnx
+from layerpair.exporter.onnx_export import export_onnx, save_model
 from layerpair.exporter.weights import SafetensorsWeights
 from layerpair.exporter.windowed import residual_values, validate_windowed
-from layerpair.graph_passes.stage import merged_onnx_from_onnx
+from layerpair.graph_passes import merge_pairs
 from tests.conftest import tiny_model
 
 TOKENS = list(np.random.default_rng(0).integers(0, 128, 30))
@@ -75,8 +76,9 @@ def test_residual_stream_found_before_and_after_merging(tmp_path: Path) -> None:
     path, skel, _ = _export(tmp_path)
     n = 2 * len(skel.blocks) + 1  # x and h per block, then the final norm's input
     assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == n
-    merged_onnx_from_onnx(path, skel.arch, [(1, 2)])
-    assert len(residual_values(onnx.load(str(path), load_external_data=False).graph)) == n
+    model, _ = merge_pairs(ir.load(str(path)), skel.arch, [(1, 2)])
+    save_model(model, tmp_path / "merged" / "model.onnx", external_data=True)
+    assert len(residual_values(onnx.load(str(tmp_path / "merged" / "model.onnx"), load_external_data=False).graph)) == n
 
 
 def test_windowed_16_bit(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:

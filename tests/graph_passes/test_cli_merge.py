@@ -27,6 +27,8 @@ def test_cli_merges_by_default(merge: bool, tiny_checkpoints: dict[str, Path], t
         assert report["matmuls_after"] == report["matmuls_before"] - 12
         assert report["parameters_check"]["equal"]
         assert report["passes"]["merge_attention"] == 1
+        assert report["rejections"] == {name: [] for name in report["passes"]}
+        assert report["pairs_merged"]["1-2"] == {"wide": True, "merge_attention": "fired", "problems": []}
         for case in ("prefill", "decode", "padded"):
             assert report["agreement"][case]["max_abs"] <= 1e-4
             assert report["agreement_unmerged"][case]["max_abs"] <= 1e-4

@@ -47,7 +47,7 @@ def _replace_scalar(graph: ir.Graph, node: ir.Node, old: ir.Value, value: float)
 
 def test_good_pairs_are_recorded_wide(tiny: tuple[ArchSpec, Path]) -> None:
     arch, path = tiny
-    _, report = merge_pairs(path, arch, PAIRS)
+    _, report = merge_pairs(ir.load(str(path)), arch, PAIRS)
     assert report["pairs"] == {
         "0-1": {"wide": True, "merge_attention": "fired", "problems": []},
         "2-3": {"wide": True, "merge_attention": "fired", "problems": []},

@@ -12,9 +12,9 @@ import torch
 
 from layerpair.arch import ArchSpec
 from layerpair.exporter.model import Decoder
-from layerpair.exporter.onnx_export import export_onnx
+from layerpair.exporter.onnx_export import export_onnx, save_model
 from layerpair.exporter.validate import OrtRunner, TorchRunner, compare_runners, within_tolerance
-from layerpair.graph_passes import MATMULS_SAVED_PER_PAIR, merge_pairs, save_model
+from layerpair.graph_passes import MATMULS_SAVED_PER_PAIR, merge_pairs
 from layerpair.graph_passes.verify import wide_pair_problems
 from layerpair.iospec import IOSpec
 from tests.conftest import tiny_model
@@ -42,7 +42,7 @@ def test_biased_pair_merges_and_matches_pytorch(case: str, tmp_path: Path) -> No
     dec = Decoder.from_hf(hf, arch, [PAIR])
     path = tmp_path / "model.onnx"
     export_onnx(dec, path)
-    model, report = merge_pairs(path, arch, [PAIR])
+    model, report = merge_pairs(ir.load(str(path)), arch, [PAIR])
     assert wide_pair_problems(model.graph, arch, PAIR) == []
     assert report["pairs"]["1-2"]["wide"]
     assert report["matmuls_after"] == report["matmuls_before"] - MATMULS_SAVED_PER_PAIR
@@ -51,7 +51,7 @@ def test_biased_pair_merges_and_matches_pytorch(case: str, tmp_path: Path) -> No
     summed = arch.hidden_size * (int(arch.o_bias) + int(arch.mlp_bias))  # ba + bb: one [h] bias per sum
     assert report["parameters"]["summed_biases"] == summed
     out = tmp_path / "merged.onnx"
-    save_model(model, out)
+    save_model(model, out, external_data=True)
     spec = IOSpec.for_model(arch, [PAIR], merged=True)
     res = compare_runners(OrtRunner(out, spec, threads=1), spec, TorchRunner(dec), dec.io)
     assert within_tolerance(res, ATOL) == []

@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from layerpair.exporter.onnx_export import save_model
 from layerpair.exporter.validate import OrtRunner, TorchRunner, compare_runners, within_tolerance
 from layerpair.graph_passes import (
     MATMULS_SAVED_PER_PAIR,
@@ -17,8 +18,8 @@ from layerpair.graph_passes import (
     MergeAttentionPass,
     merge_pairs,
     pair_passes,
-    save_model,
 )
+from layerpair.graph_passes.merge import run_passes
 from layerpair.graph_passes.merge_attention import match_attention
 from layerpair.iospec import IOSpec
 from tests.conftest import ARCHS
@@ -28,9 +29,9 @@ ATOL = 1e-4
 
 
 def _merged(ex: TinyExport, tmp_path: Path) -> tuple[ir.Model, dict, Path]:
-    model, report = merge_pairs(ex.path, ex.arch, [PAIR])
+    model, report = merge_pairs(ir.load(str(ex.path)), ex.arch, [PAIR])
     out = tmp_path / "merged.onnx"
-    save_model(model, out)
+    save_model(model, out, external_data=True)
     return model, report, out
 
 
@@ -51,6 +52,7 @@ def test_merged_matches_unmerged_and_pytorch(
         assert all(a.top1 == 1.0 for a in res.values())
     assert report["parameters"]["equal"]
     assert report["parameters"]["folded_norm_scales"] == 4 * ex.arch.hidden_size  # 2 branches x 2 norms
+    assert report["rejections"] == {name: [] for name in report["passes"]}  # every candidate merged
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -97,7 +99,7 @@ def test_plain_model_passes_through_unchanged(tiny_plain_export: TinyExport) -> 
         p(model)
         assert p.fired == 0, p.name
     assert [n.op_type for n in model.graph] == ops
-    merged, report = merge_pairs(ex.path, ex.arch, [])
+    merged, report = merge_pairs(ir.load(str(ex.path)), ex.arch, [])
     assert not any(report["passes"].values()) and report["nodes_after"] == report["nodes_before"]
     assert [n.op_type for n in merged.graph] == ops
 
@@ -110,7 +112,7 @@ def test_merge_attention_must_not_fire_on_sequential_layers(tiny_plain_export: T
     p(model)
     assert p.fired == 0
     with pytest.raises(GraphPassError, match="--no-merge"):
-        merge_pairs(ex.path, ex.arch, [PAIR])
+        merge_pairs(ir.load(str(ex.path)), ex.arch, [PAIR])
 
 
 def test_merge_attention_must_not_fire_on_different_scales(tiny_pair_exports: dict[str, TinyExport]) -> None:
@@ -134,6 +136,9 @@ def test_merge_attention_must_not_fire_on_different_scales(tiny_pair_exports: di
     p = MergeAttentionPass(ex.arch, [PAIR])
     p(model)
     assert p.fired == 0
+    why = p.pair_outcomes[PAIR]  # check's reason, recorded per pair and among the pass's rejections
+    assert why.startswith("the branches differ: different attention scale"), why
+    assert p.rejections == [f"pair {PAIR[0]}-{PAIR[1]}: {why}"]
 
 
 def _feeds_layer(n: ir.Node, ctx: ir.Value) -> bool:
@@ -158,11 +163,11 @@ def test_fp16_graph_merges_with_its_fp32_islands(tiny_pair_exports: dict[str, Ti
     ex = tiny_pair_exports["qwen3"]  # q/k norms: the most casts
     path16 = tmp_path / "fp16.onnx"
     export_onnx(typed_decoder(ex.dec, "float16"), path16)
-    model, report = merge_pairs(path16, ex.arch, [PAIR])
+    model, report = merge_pairs(ir.load(str(path16)), ex.arch, [PAIR])
     assert report["matmuls_after"] == report["matmuls_before"] - MATMULS_SAVED_PER_PAIR
     assert all(n.inputs[0].dtype == ir.DataType.FLOAT for n in model.graph if n.op_type in ("Softmax", "ReduceMean"))
     out = tmp_path / "fp16_merged.onnx"
-    save_model(model, out)
+    save_model(model, out, external_data=True)
     spec = IOSpec.for_model(ex.arch, [PAIR], merged=True, dtype="float16")
     uspec = IOSpec.for_model(ex.arch, [PAIR], merged=False, dtype="float16")
     res = compare_runners(OrtRunner(out, spec, threads=1), spec, OrtRunner(path16, uspec, threads=1), uspec)
@@ -200,7 +205,22 @@ def test_ort_target_fuses_and_keeps_function(tiny_pair_exports: dict[str, TinyEx
     assert p.fusions.get("rms_normalization", 0) > 0 and ops["SimplifiedLayerNormalization"] > 0
     assert ops["ReduceMean"] < 7
     out = tmp_path / "ort.onnx"
-    save_model(model, out)
+    save_model(model, out, external_data=True)
     spec = IOSpec.for_model(ex.arch, [PAIR], merged=True)
     res = compare_runners(OrtRunner(out, spec, threads=1), spec, OrtRunner(merged_path, spec, threads=1), spec)
     assert within_tolerance(res, ATOL) == []
+
+
+def test_the_driver_runs_every_pass_through_one_protocol(tiny_pair_exports: dict[str, TinyExport]) -> None:
+    """``run_passes``: no special case by type — a pass that ``needs_rewrites`` (cleanup) is skipped when nothing
+    fired before it, and each pass reports ``fired``, ``rejections`` and ``removed_parameters`` alike."""
+    ex = tiny_pair_exports["llama"]
+    passes = pair_passes(ex.arch, [PAIR])
+    assert [p.needs_rewrites for p in passes] == [False] * (len(passes) - 1) + [True]
+    fired, seconds = run_passes(ir.load(str(ex.path)), passes[-1:])  # cleanup alone: nothing merged before it
+    assert fired == {} and seconds == {}
+    fired, _ = run_passes(ir.load(str(ex.path)), passes)
+    assert fired["merge_attention"] == 1 and fired["cleanup"] > 0
+    assert all(p.rejections == [] for p in passes)
+    removed = {k: n for p in passes for k, n in p.removed_parameters.items()}
+    assert removed["folded_norm_scales"] == 4 * ex.arch.hidden_size and removed["summed_biases"] == 0

@@ -73,7 +73,8 @@ def test_fold_norm_scales_fires_and_keeps_function() -> None:
     before = run(m, {"x": X})
     p = FoldNormScalesPass()
     p(m)
-    assert p.fired == 1 and p.folded_parameters == 8
+    assert p.fired == 1 and p.folded_parameters == p.removed_parameters["folded_norm_scales"] == 8
+    assert p.rejections == []
     assert ops(m) == {"Pow": 1, "ReduceMean": 1, "Add": 1, "Sqrt": 1, "Reciprocal": 1, "Mul": 1, "MatMul": 2}
     check(m)
     for a, b in zip(before, run(m, {"x": X}), strict=True):
@@ -91,13 +92,19 @@ def test_fold_norm_scales_must_not_fire(case: str) -> None:
     p(m)
     assert p.fired == 0
     assert ops(m)["Mul"] == 2
+    reason = {  # the check's reason for each must-not-fire case; a [3,1] scale is not matched at all
+        "add": "(Add) reads the scaled norm, not a MatMul",
+        "shared_weight": "is used elsewhere (scaling it would change the other use)",
+    }.get(case)
+    assert (reason is None) == (p.rejections == [])
+    assert reason is None or any(reason in r for r in p.rejections), p.rejections
 
 
 def test_fold_shared_only_needs_two_scaled_copies() -> None:
     one = _scaled_norm_into("matmuls", n_scales=1).model()
     p = FoldNormScalesPass(shared_only=True)
     p(one)
-    assert p.fired == 0
+    assert p.fired == 0 and p.rejections == []  # one copy is not a candidate: nothing to share
     two = _scaled_norm_into("matmuls", n_scales=2).model()
     before = run(two, {"x": X})
     p = FoldNormScalesPass(shared_only=True)
