@@ -51,27 +51,42 @@ def pair_counts(arch: ArchSpec) -> list[int]:
 
 
 class StaticDecode:
-    """One variant at one batch size: static buffers, optional CUDA graph, ``run(steps) -> tokens/s``."""
+    """One variant at one batch size in the decode core's shape (``layerpair.decode``: ``prefill``,
+    ``decode_one_token``, ``decode_n_tokens``) on static buffers: the core's numpy loop would sync the GPU on every
+    token, so here the step, the greedy pick and the position advance all live on the device, inside one CUDA graph
+    when ``use_graph``. ``run(steps) -> tokens/s``."""
 
     def __init__(self, model: WideDecoder, batch: int, t_max: int, start: int, use_graph: bool) -> None:
         self.model, self.batch, self.start = model, batch, start
         dev = model.embed_tokens.device
-        gen = torch.Generator(device=dev).manual_seed(0)
         self.caches = model.static_caches(batch, t_max)
-        for c in self.caches:  # a "prefilled" cache: values only change data, not cost
-            c.normal_(0.0, 1.0, generator=gen)
-        self.ids = torch.randint(0, model.arch.vocab_size, (batch, 1), device=dev, generator=gen)
+        self.ids = self.prefill(torch.Generator(device=dev).manual_seed(0), dev)
         self.pos = torch.full((1,), start, dtype=torch.long, device=dev)
         self.graph: Any = None
         self.logits: torch.Tensor | None = None
         if use_graph:
             self._capture()
 
-    def _step(self) -> torch.Tensor:
+    def prefill(self, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
+        """A "prefilled" cache of random values (values only change data, not cost) and the first token [B,1]."""
+        for c in self.caches:
+            c.normal_(0.0, 1.0, generator=gen)
+        return torch.randint(0, self.model.arch.vocab_size, (self.batch, 1), device=dev, generator=gen)
+
+    def decode_one_token(self) -> torch.Tensor:
+        """One forward at ``pos``; its argmax becomes the next token and ``pos`` advances (all on the device)."""
         logits = self.model.decode_static(self.ids, self.pos, self.caches)
         self.ids.copy_(logits[:, -1:].argmax(-1))  # greedy feedback inside the graph
         self.pos.add_(1)
         return logits
+
+    def decode_n_tokens(self, n: int) -> None:
+        """``n`` greedy tokens from the current position: graph replays, or eager ``decode_one_token`` calls."""
+        for _ in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.decode_one_token()
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -79,12 +94,12 @@ class StaticDecode:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy init), as the docs ask
             for _ in range(3):
-                self._step()
+                self.decode_one_token()
         torch.cuda.current_stream().wait_stream(side)
         self.pos.fill_(self.start)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.logits = self.decode_one_token()
         self.pos.fill_(self.start)
 
     @torch.no_grad()
@@ -94,11 +109,7 @@ class StaticDecode:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._step()
+        self.decode_n_tokens(steps)
         if cuda:
             torch.cuda.synchronize()
         return self.batch * steps / (time.perf_counter() - t0)

@@ -18,6 +18,7 @@ LAYERS = {
     "iospec": 0,
     "meter": 0,
     "outdir": 0,
+    "decode": 0,
     "exporter": 1,
     "graph_passes": 2,
     "engine": 3,

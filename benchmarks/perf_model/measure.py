@@ -2,8 +2,9 @@
 
 Both name their caches ``past_key_values.<slot>.key/value`` in and ``present.<slot>.key/value`` out, so one
 loop serves both: prefill ``prompt`` tokens once (untimed), then each measurement times ``steps`` greedy decode
-steps from that cache (argmax fed back, cache grows). Models and the micro-benchmarks are timed round-robin
-(start rotated each round) so load drift hits all alike; the first round is discarded.
+steps from that cache (argmax fed back, cache grows) through the one decode loop (``layerpair.decode``). Models
+and the micro-benchmarks are timed round-robin (start rotated each round) so load drift hits all alike; the first
+round is discarded.
 """
 
 from __future__ import annotations
@@ -16,28 +17,19 @@ from typing import Any
 import numpy as np
 
 from benchmarks.perf_model.micro import Micro
+from layerpair.decode import StepFn, decode_n_tokens, greedy, prefill, session
 
 
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _feeds(sess: Any, ids: np.ndarray, past: dict[str, np.ndarray], total: int) -> dict[str, np.ndarray]:
-    """ids [B, S]; mask [B, total]; positions [B, S] = total-S .. total-1; caches as given."""
-    b, s = ids.shape
+def _feeds(sess: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, Any]) -> dict[str, Any]:
+    """The step's ids [B, S], mask [B, T], positions [B, S] and caches under the graph's own input names."""
     feeds: dict[str, np.ndarray] = {}
     for i in sess.get_inputs():
         if i.name == "input_ids":
             feeds[i.name] = ids
         elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((b, total), np.int64)
+            feeds[i.name] = mask
         elif i.name == "position_ids":
-            feeds[i.name] = np.tile(np.arange(total - s, total, dtype=np.int64), (b, 1))
+            feeds[i.name] = pos
         elif i.name in past:
             feeds[i.name] = past[i.name]
         else:
@@ -55,25 +47,34 @@ def _empty_past(sess: Any, batch: int, fixed: dict[str, int]) -> dict[str, np.nd
     return out
 
 
+def _step(sess: Any) -> StepFn:
+    """One forward of ``sess`` as a step of the decode loop: caches in as ``past_key_values.*``, out as
+    ``present.*``, fed back under the past name."""
+    outs = [o.name for o in sess.get_outputs()]
+    presents = [(i, "past_key_values." + n[len("present.") :]) for i, n in enumerate(outs) if n.startswith("present.")]
+    logits = outs.index("logits")
+
+    def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        r = sess.run(outs, _feeds(sess, ids, mask, pos, past))
+        return r[logits], {name: r[i] for i, name in presents}
+
+    return step
+
+
 def decode_timer(
     path: Path, threads: int, prompt: int, steps: int, vocab: int, fixed: dict[str, int] | None = None
 ) -> Callable[[], float]:
     """A closure timing ``steps`` decode tokens after a fixed ``prompt``-token prefill; returns seconds/token."""
-    sess = _session(path, threads)
-    outs = [o.name for o in sess.get_outputs()]
-    presents = [o for o in outs if o.startswith("present.")]
+    sess = session(path, threads)
+    step = _step(sess)
     ids = np.random.default_rng(0).integers(0, vocab, (1, prompt)).astype(np.int64)
-    res = sess.run(outs, _feeds(sess, ids, _empty_past(sess, 1, fixed or {}), prompt))
-    cache0 = {"past_key_values." + n[len("present.") :]: v for n, v in zip(outs, res, strict=True) if n in presents}
-    first = res[outs.index("logits")][:, -1:].argmax(-1).astype(np.int64)
+    logits, cursor = prefill(step, ids, _empty_past(sess, 1, fixed or {}))
+    first = greedy(logits[:, -1])
 
     def run() -> float:
-        nxt, cache = first, cache0
         t0 = time.perf_counter()
-        for i in range(steps):
-            r = sess.run(outs, _feeds(sess, nxt, cache, prompt + i + 1))
-            cache = {"past_key_values." + n[len("present.") :]: r[outs.index(n)] for n in presents}
-            nxt = r[outs.index("logits")][:, -1:].argmax(-1).astype(np.int64)  # greedy: next step depends on it
+        for _ in decode_n_tokens(step, first, cursor, steps, greedy):  # greedy: each step depends on the last
+            pass
         return (time.perf_counter() - t0) / steps
 
     return run

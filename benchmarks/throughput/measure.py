@@ -1,5 +1,6 @@
 """What one throughput run measures (``Settings``) and the timed closures: ``decode_fn`` / ``prefill_fn`` over a
-step function of PyTorch eager or ONNX Runtime, and ``bench_decoder``'s weights."""
+step function of PyTorch eager or ONNX Runtime, through the one decode loop (``layerpair.decode``), and
+``bench_decoder``'s weights."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from benchmarks.shapes import random_decoder
 from layerpair.arch import ArchSpec
+from layerpair.decode import StepFn, decode_n_tokens, greedy, prefill
 from layerpair.iospec import IOSpec
 
 Pairs = tuple[tuple[int, int], ...]
@@ -61,12 +63,12 @@ class Settings:
         )
 
 
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[Any]], tuple[Any, list[Any]]]
-
-
 def torch_step(model: torch.nn.Module) -> tuple[StepFn, Callable[[IOSpec, int], list[Any]]]:
-    def step(ids: Any, mask: Any, pos: Any, past: list[Any]) -> tuple[Any, list[Any]]:
-        out = model(ids, mask, pos, *past)
+    """PyTorch eager as a step of the decode loop: numpy ids/mask/positions in (wrapped, not copied), torch
+    logits and cache out (the cache never leaves torch)."""
+
+    def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any]) -> tuple[Any, list[Any]]:
+        out = model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), *past)
         return out[0], list(out[1:])
 
     def empty(spec: IOSpec, batch: int) -> list[Any]:
@@ -84,26 +86,22 @@ def ort_step(path: Path, spec: IOSpec, threads: int) -> tuple[StepFn, Callable[[
 
 
 def decode_fn(
-    step: StepFn, empty: Callable[[IOSpec, int], list[Any]], spec: IOSpec, s: Settings, steps: int, as_torch: bool
+    step: StepFn, empty: Callable[[IOSpec, int], list[Any]], spec: IOSpec, s: Settings, steps: int
 ) -> Callable[[], float]:
-    """Prefill ``past`` tokens once (untimed); each call times ``steps`` greedy decode tokens from that cache."""
+    """Prefill ``past`` tokens once (untimed); each call times ``steps`` greedy decode tokens from that cache
+    (``decode_n_tokens``: the argmax is fed back, so each step depends on the one before, as in real decoding)."""
     B, P, V = s.batch, s.past, spec.arch.vocab_size
     rng = np.random.default_rng(0)
-    conv: Callable[[np.ndarray], Any] = torch.from_numpy if as_torch else (lambda a: a)
-    ids = conv(rng.integers(0, V, (B, P)).astype(np.int64))
+    ids = rng.integers(0, V, (B, P)).astype(np.int64)
     with torch.no_grad():
-        logits, past = step(ids, conv(np.ones((B, P), np.int64)), conv(np.tile(np.arange(P), (B, 1))), empty(spec, B))
-    masks = [conv(np.ones((B, P + i + 1), np.int64)) for i in range(steps)]
-    poss = [conv(np.full((B, 1), P + i, np.int64)) for i in range(steps)]
-    first = logits[:, -1:].argmax(-1)
+        logits, cursor = prefill(step, ids, empty(spec, B))
+    first = greedy(logits[:, -1])
 
     def run() -> float:
-        nxt, cache = first, past
         with torch.no_grad():
             t0 = time.perf_counter()
-            for i in range(steps):
-                out, cache = step(nxt, masks[i], poss[i], cache)
-                nxt = out[:, -1:].argmax(-1)  # greedy: the next step depends on this one, as in real decoding
+            for _ in decode_n_tokens(step, first, cursor, steps, greedy):
+                pass
             dt = time.perf_counter() - t0
         return B * steps / dt
 
@@ -111,19 +109,18 @@ def decode_fn(
 
 
 def prefill_fn(
-    step: StepFn, empty: Callable[[IOSpec, int], list[Any]], spec: IOSpec, batch: int, seq: int, as_torch: bool
+    step: StepFn, empty: Callable[[IOSpec, int], list[Any]], spec: IOSpec, batch: int, seq: int
 ) -> Callable[[], float]:
     rng = np.random.default_rng(1)
-    conv: Callable[[np.ndarray], Any] = torch.from_numpy if as_torch else (lambda a: a)
-    ids = conv(rng.integers(0, spec.arch.vocab_size, (batch, seq)).astype(np.int64))
-    mask = conv(np.ones((batch, seq), np.int64))
-    pos = conv(np.tile(np.arange(seq), (batch, 1)))
+    ids = rng.integers(0, spec.arch.vocab_size, (batch, seq)).astype(np.int64)
+    mask = np.ones((batch, seq), np.int64)
+    pos = np.tile(np.arange(seq), (batch, 1))
 
     def run() -> float:
         past = empty(spec, batch)
         with torch.no_grad():
             t0 = time.perf_counter()
-            step(ids, mask, pos, past)
+            prefill(step, ids, past, mask, pos)
             dt = time.perf_counter() - t0
         return batch * seq / dt
 

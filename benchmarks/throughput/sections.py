@@ -60,11 +60,7 @@ def _torch_variants(
     for name, m, n, base in models:
         step, empty = torch_step(m)
         io: Any = m.io
-        run = (
-            decode_fn(step, empty, io, s, steps, True)
-            if phase == "decode"
-            else prefill_fn(step, empty, io, s.batch, seq, True)
-        )
+        run = decode_fn(step, empty, io, s, steps) if phase == "decode" else prefill_fn(step, empty, io, s.batch, seq)
         vs.append(Variant(name, run, n, base))
     return vs
 
@@ -119,9 +115,9 @@ def main_ort(c: Ctx, model: str, arch: ArchSpec, pairs: Pairs, given: Sequence[P
         for name, (path, spec, n, base) in paths.items():
             step, empty = ort_step(path, spec, c.threads)
             run = (
-                decode_fn(step, empty, spec, s, s.steps, False)
+                decode_fn(step, empty, spec, s, s.steps)
                 if phase == "decode"
-                else prefill_fn(step, empty, spec, s.batch, s.prefill_seq, False)
+                else prefill_fn(step, empty, spec, s.batch, s.prefill_seq)
             )
             vs.append(Variant(name, run, n, base))
         c.say(f"onnxruntime cpu {phase}: {model}, pairs {list(pairs)}")
@@ -138,8 +134,8 @@ def scaling_pairs(c: Ctx, model: str, arch: ArchSpec) -> None:
     dec = bench_decoder(arch)
     fused, _ = wide_pair(dec, ())
     vs = [
-        Variant("original", decode_fn(*torch_step(dec), dec.io, s, s.steps, True)),
-        Variant("original_fused", decode_fn(*torch_step(fused), fused.io, s, s.steps, True)),
+        Variant("original", decode_fn(*torch_step(dec), dec.io, s, s.steps)),
+        Variant("original_fused", decode_fn(*torch_step(fused), fused.io, s, s.steps)),
     ]
     for k in c.s.pair_counts:
         pairs = default_pairs(arch, k)
@@ -148,7 +144,7 @@ def scaling_pairs(c: Ctx, model: str, arch: ArchSpec) -> None:
         vs.append(
             Variant(
                 f"lp_unmerged_k{k}",
-                decode_fn(*torch_step(lp), lp.io, s, s.steps, True),
+                decode_fn(*torch_step(lp), lp.io, s, s.steps),
                 k,
                 "original",
                 {"pairs": [list(p) for p in pairs], "form": "unmerged"},
@@ -157,7 +153,7 @@ def scaling_pairs(c: Ctx, model: str, arch: ArchSpec) -> None:
         vs.append(
             Variant(
                 f"lp_merged_k{k}",
-                decode_fn(*torch_step(merged), merged.io, s, s.steps, True),
+                decode_fn(*torch_step(merged), merged.io, s, s.steps),
                 k,
                 "original_fused",
                 {"pairs": [list(p) for p in pairs], "form": "merged"},

@@ -5,7 +5,7 @@
     results_from -> rows                   median / IQR per metric, ratio beside the depth limit L / (L - pairs)
     latency_section -> report["latency"]   the schema ``layerpair-export check`` gates (layerpair/deploy/check.py)
 
-Every timing goes through ``runtime.time_decode``, i.e. the decode loop ``generate`` and the Triton model use.
+Every timing goes through ``decode.time_decode``, i.e. the decode loop ``generate`` and the Triton model use.
 ``latency`` holds numbers only (``check`` treats every key as a metric): ``decode_ms_per_token`` and
 ``prefill_ms`` for the first ``--batch``, ``..._b<N>`` for the others, and ``same_run_baseline`` with the same
 keys. Everything else (samples, IQR, ratios and limits, machine, threads, versions) goes to ``bench``.
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from layerpair.decode import StepFn, time_decode
 from layerpair.deploy.check import SAME_RUN_KEY, load_report, write_atomic
 from layerpair.deploy.generate import Export, export_from_dir, generator_from_export, read_report
-from layerpair.deploy.runtime import StepFn, time_decode
 from layerpair.errors import InputError, MissingDependencyError
 
 SCHEMA = "layerpair-bench/latency/1"

@@ -1,7 +1,7 @@
 """``layerpair-export generate OUT --prompt ...``: text from an export directory with ONNX Runtime.
 
     export_from_dir -> (report, DecoderIO, model path)      names from report.json["io"] (the IOSpec JSON)
-    generator_from_export -> OrtGenerator                     reusable decode loop (layerpair/deploy/runtime.py)
+    generator_from_export -> OrtGenerator                     the one decode loop (layerpair/decode.py)
     prompt_ids_from_text -> token ids                         the saved tokenizer, chat template when it has one
 
 ``--compare`` also generates with the original PyTorch model (``report.json["model"]``, no pairs) from the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerpair.deploy.runtime import DecoderIO, OrtGenerator, RuntimeSpecError, Sampling
+from layerpair.decode import DecoderIO, OrtGenerator, RuntimeSpecError, Sampling
 from layerpair.errors import InputError, MissingDependencyError
 from layerpair.iospec import CacheSlot
 

@@ -5,8 +5,8 @@
       <name>_trt/config.pbtxt, 1/model.plan       tensorrt_plan, only when OUT/model.plan exists; every instance
                                                  gets all the engine's optimization profiles (decode, prefill)
       <name>_generate/config.pbtxt, 1/model.py    python backend: text in -> tokenize -> ORT loop -> text out
-                     1/lp_runtime.py, 1/decoder.onnx, 1/io.json, 1/tokenizer/
-      client.py                                    tritonclient: greedy generation against either model
+                     1/lp_runtime.py (layerpair/decode.py), 1/decoder.onnx, 1/io.json, 1/tokenizer/
+      client.py, lp_runtime.py                     tritonclient: greedy generation against either model
 
 Every name, dtype and dim comes from ``report.json["io"]`` (the IOSpec JSON); cache pairs come from its cache
 slots via ``CacheSlot``, so merged slots (``past_key_values.20_21.key``, 2·KVH heads) need nothing special.
@@ -40,8 +40,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import layerpair.decode as decode_core
+from layerpair.decode import DecoderIO, StateTensor
 from layerpair.deploy.generate import Export, export_from_dir
-from layerpair.deploy.runtime import DecoderIO, StateTensor
 from layerpair.errors import InputError
 from layerpair.outdir import staged_output
 
@@ -56,6 +57,7 @@ TRITON_DTYPES = {
 CONTROL_INPUTS = (("START", "CONTROL_SEQUENCE_START"), ("READY", "CONTROL_SEQUENCE_READY"))
 DEFAULT_NAME = "layerpair"
 DEPLOY_DIR = Path(__file__).parent
+DECODE_PY = Path(decode_core.__file__)  # copied as <name>_generate/1/lp_runtime.py
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,7 @@ def triton_repo_from_export(
         if o.generate_model:
             models[_write_generate_model(tmp, export, o, export_dir)] = "python"
         shutil.copy2(DEPLOY_DIR / "triton_client.py", tmp / "client.py")
+        shutil.copy2(DECODE_PY, tmp / "lp_runtime.py")  # the client's decode loop
         if (Path(export_dir) / "tokenizer").is_dir():
             shutil.copytree(Path(export_dir) / "tokenizer", tmp / "tokenizer")
         summary = {
@@ -321,7 +324,7 @@ def _write_generate_model(tmp: Path, export: Export, o: TritonOptions, export_di
     data = export.model_path.with_name(export.model_path.name + ".data")
     if data.is_file():  # the graph names its weight file relative to itself: same name beside it
         link_or_copy(data, v / data.name)
-    shutil.copy2(DEPLOY_DIR / "runtime.py", v / "lp_runtime.py")
+    shutil.copy2(DECODE_PY, v / "lp_runtime.py")  # the decode core: numpy + onnxruntime only
     shutil.copy2(DEPLOY_DIR / "triton_generate_model.py", v / "model.py")
     (v / "io.json").write_text(
         json.dumps(

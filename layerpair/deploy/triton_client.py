@@ -23,6 +23,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    from layerpair.decode import decode, greedy
+except ImportError:  # the copy in a model repository: the decode core is lp_runtime.py beside it
+    from lp_runtime import decode, greedy  # type: ignore[no-redef]
+
 
 def _client(url: str) -> Any:
     import tritonclient.http as httpclient
@@ -50,53 +55,68 @@ def _names(config: dict[str, Any]) -> tuple[str, str, str, str]:
     return ins[0], ins[1], ins[2], config["output"][0]["name"]
 
 
+def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[Any]:
+    import tritonclient.http as httpclient
+
+    inputs = []
+    for name, a in arrays.items():
+        t = httpclient.InferInput(name, list(a.shape), "INT64")
+        t.set_data_from_numpy(a)
+        inputs.append(t)
+    return inputs
+
+
+class _ServerStep:
+    """One request of a Triton sequence as a step of the decode loop: the KV cache lives in the server (the loop's
+    state is unused), the first request starts the sequence and the ``max_new_tokens``-th ends it. After ``end()``
+    a request only ends the sequence early (no logits asked; the loop gets zeros it never uses)."""
+
+    def __init__(self, c: Any, model: str, names: tuple[str, str, str, str], max_new_tokens: int) -> None:
+        self.c, self.model, self.names, self.max_new_tokens = c, model, names, max_new_tokens
+        self.seq = random.randint(1, 2**62)
+        self.calls, self.ending = 0, False
+
+    def end(self) -> None:
+        self.ending = True
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        import tritonclient.http as httpclient
+
+        ids_name, mask_name, pos_name, logits_name = self.names
+        inputs = _infer_inputs({ids_name: ids, mask_name: mask, pos_name: pos})
+        self.calls += 1
+        if self.ending:  # free the sequence slot now instead of after max_sequence_idle_microseconds
+            self.c.infer(self.model, inputs, sequence_id=self.seq, sequence_end=True)
+            return np.zeros((1, 1, 1), np.float32), state
+        res = self.c.infer(
+            self.model,
+            inputs,
+            outputs=[httpclient.InferRequestedOutput(logits_name)],
+            sequence_id=self.seq,
+            sequence_start=self.calls == 1,
+            sequence_end=self.calls == self.max_new_tokens,
+        )
+        return res.as_numpy(logits_name), state
+
+
 def generate_stateful(
     url: str, model: str, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()
 ) -> list[int]:
-    """Greedy decode against the onnxruntime/tensorrt model with the KV cache held by Triton."""
-    import tritonclient.http as httpclient
-
+    """Greedy decode against the onnxruntime/tensorrt model with the KV cache held by Triton, through the one
+    decode loop (``layerpair.decode``; ``lp_runtime.py`` beside this script in a model repository)."""
     c = _client(url)
-    ids_name, mask_name, pos_name, logits_name = _names(c.get_model_config(model))
-    seq = random.randint(1, 2**62)
-    feed, real, out = list(prompt_ids), 0, []  # real: positions in the cache (not counting the zero slot)
-    for step in range(max_new_tokens):
-        S = len(feed)
-        arrays = {
-            ids_name: np.asarray([feed], np.int64),  # [1,S]
-            mask_name: np.asarray([[0] + [1] * (real + S)], np.int64),  # [1,1+T]: leading 0 = initial zero slot
-            pos_name: np.arange(real, real + S, dtype=np.int64)[None],  # [1,S]
-        }
-        inputs = []
-        for name, a in arrays.items():
-            t = httpclient.InferInput(name, list(a.shape), "INT64")
-            t.set_data_from_numpy(a)
-            inputs.append(t)
-        last = step == max_new_tokens - 1
-        res = c.infer(
-            model,
-            inputs,
-            outputs=[httpclient.InferRequestedOutput(logits_name)],
-            sequence_id=seq,
-            sequence_start=step == 0,
-            sequence_end=last,
-        )
-        tok = int(np.argmax(res.as_numpy(logits_name)[0, -1]))
-        out.append(tok)
-        real += S
-        feed = [tok]
-        if tok in stop_ids:
-            if not last:  # free the sequence slot now instead of after max_sequence_idle_microseconds
-                end = dict(arrays)
-                end[ids_name] = np.asarray([[tok]], np.int64)
-                end[mask_name] = np.asarray([[0] + [1] * (real + 1)], np.int64)
-                end[pos_name] = np.asarray([[real]], np.int64)
-                ins = []
-                for name, a in end.items():
-                    t = httpclient.InferInput(name, list(a.shape), "INT64")
-                    t.set_data_from_numpy(a)
-                    ins.append(t)
-                c.infer(model, ins, sequence_id=seq, sequence_end=True)
+    step = _ServerStep(c, model, _names(c.get_model_config(model)), max_new_tokens)
+    S = len(prompt_ids)
+    ids = np.asarray([list(prompt_ids)], np.int64)  # [1,S]
+    mask = np.asarray([[0] + [1] * S], np.int64)  # [1,1+S]: the leading 0 masks the initial zero slot
+    loop = decode(step, ids, None, max_new_tokens, greedy, mask, np.arange(S, dtype=np.int64)[None])
+    out: list[int] = []
+    for tok_B, _ in loop:
+        out.append(int(tok_B[0]))
+        if out[-1] in stop_ids:
+            if len(out) < max_new_tokens:  # one more request, that only ends the sequence
+                step.end()
+                next(loop)
             break
     return out
 

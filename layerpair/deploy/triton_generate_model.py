@@ -1,8 +1,8 @@
 """Triton python-backend model: PROMPT (text) -> tokenize -> ONNX Runtime decode loop -> TEXT (+ TOKENS).
 
-Copied by ``layerpair-export triton`` into ``<name>_generate/1/model.py`` next to ``lp_runtime.py`` (the
-decode loop), ``decoder.onnx``, ``io.json`` (I/O spec + state pairs) and ``tokenizer/``. Needs numpy,
-onnxruntime (or onnxruntime-gpu) and transformers in the Triton python environment; not layerpair.
+Copied by ``layerpair-export triton`` into ``<name>_generate/1/model.py`` next to ``lp_runtime.py`` (a copy of
+``layerpair/decode.py``, the decode core), ``decoder.onnx``, ``io.json`` (I/O spec + state pairs) and ``tokenizer/``.
+Needs numpy, onnxruntime (or onnxruntime-gpu) and transformers in the Triton python environment; not layerpair.
 
 Inputs:  PROMPT [1] string (a user turn; the chat template is applied when the tokenizer has one),
          MAX_NEW_TOKENS [1] int32, optional (default: the config parameter ``max_new_tokens``).

@@ -1,4 +1,5 @@
-"""A generation loop over any decoder ``Runner`` (ONNX Runtime, PyTorch, TensorRT) with one KV-cache handling.
+"""Generation of any decoder ``Runner`` (ONNX Runtime, PyTorch, TensorRT) through the one decode loop
+(``layerpair/decode.py``: prefill, decode_one_token, decode_n_tokens), with one KV-cache handling.
 
 The runner contract is validate.py's: ``step(ids [B,S], mask [B,T], pos [B,S], past) -> (logits [B,S,V],
 presents)`` with ``past``/``presents`` in the I/O spec's slot order. So the same loop drives the unmerged and
@@ -12,11 +13,13 @@ two runtimes position by position along the same tokens.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import itertools
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from layerpair.decode import decode
 from layerpair.exporter.validate import Runner, empty_past
 from layerpair.iospec import IOSpec
 
@@ -42,7 +45,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 
 
 class Generator:
-    """Prefill then one token per step, feeding presents back as past."""
+    """Batched greedy generation of any ``Runner`` through the one decode loop (``layerpair.decode.decode``):
+    prefill, then one token per step, feeding presents back as past."""
 
     def __init__(self, runner: Runner, spec: IOSpec, pad_id: int = 0) -> None:
         self.runner = runner
@@ -65,23 +69,29 @@ class Generator:
         out = Generation([[] for _ in range(B)], [], [len(p) for p in prompts])
         done = np.zeros(B, bool)
         past = empty_past(self.spec, B)
-        for step in range(steps):
-            logits, past = self.runner.step(ids, mask, pos, past)
-            last_BV = np.asarray(logits[:, -1], np.float32)
-            chosen = last_BV.argmax(-1)
+        for chosen, last in decode(self.runner.step, ids, past, steps, _argmax_fp32, mask, pos, _teacher(forced)):
             if keep_logits:
-                out.step_logits.append(last_BV)
+                out.step_logits.append(np.asarray(last, np.float32))
             for b in range(B):
                 if not done[b]:
                     out.tokens[b].append(int(chosen[b]))
                     done[b] = forced is None and int(chosen[b]) in stop_ids
             if done.all():
                 break
-            fed = chosen if forced is None else np.array([f[step] for f in forced])
-            ids = fed.astype(np.int64)[:, None]
-            pos = pos[:, -1:] + 1
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
         return out
+
+
+def _argmax_fp32(logits_BV: np.ndarray) -> np.ndarray:
+    """Greedy on float32 logits (16-bit runners return fp16 or bfloat16)."""
+    return np.asarray(logits_BV, np.float32).argmax(-1)
+
+
+def _teacher(forced: Sequence[Sequence[int]] | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Teacher forcing: after step k, feed ``forced[b][k]`` whatever was chosen (None: feed the choice)."""
+    if forced is None:
+        return None
+    columns = (np.array([f[k] for f in forced]) for k in itertools.count())
+    return lambda _chosen: next(columns)
 
 
 def mean_kl(ref_logits: Sequence[np.ndarray], ours_logits: Sequence[np.ndarray]) -> float:

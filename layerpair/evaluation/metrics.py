@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from layerpair.decode import session
 from layerpair.errors import InputError
 from layerpair.evaluation.data import Encode, MCItem
 from layerpair.evaluation.forward import hidden_until, logits_from_hidden, logits_from_ids, window_context
@@ -64,12 +65,7 @@ class OnnxBackend:
     """An exported ``model.onnx`` (any cache layout: the empty pasts are built from the graph's own inputs)."""
 
     def __init__(self, path: Path | str, threads: int | None = None, name: str = "onnx") -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or torch.get_num_threads()
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = session(path, threads or torch.get_num_threads())
         self.inputs = self.session.get_inputs()
         self.name = name
         self.seconds = 0.0  # time spent in session.run, summed over calls

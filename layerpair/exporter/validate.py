@@ -22,7 +22,6 @@ error.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from layerpair.decode import session
 from layerpair.iospec import IOSpec
 
 VALIDATION_TEXT = (
@@ -146,61 +146,10 @@ Graph = Path | str | ir.Model  # a written model.onnx, or a graph in memory whos
 
 
 def ort_session(graph: Graph, threads: int | None = None, prepack: bool = True) -> Any:
-    """An ONNX Runtime CPU session; ``prepack=False`` reads weights in place (see ``OrtRunner``). An in-memory
-    ``ir.Model`` runs on the tensors its initializers already hold (``_bind_in_memory``): nothing is written."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or torch.get_num_threads()
-    so.log_severity_level = 3
-    if not prepack:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    if not isinstance(graph, ir.Model):
-        return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-    # Extended optimisations (fp16 graphs: the cast/fusion rewrites) read some weights from the graph file instead
-    # of the caller's buffers: they would see the placeholder's zeros (a loud false failure, never a false pass).
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    with tempfile.TemporaryDirectory(prefix="layerpair-graph-") as d:
-        path, keep = _bind_in_memory(graph, so, Path(d))
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    session._layerpair_weights = keep  # the buffers ONNX Runtime reads must live as long as the session
-    return session
-
-
-def _bind_in_memory(model: ir.Model, so: Any, d: Path) -> tuple[Path, list[Any]]:
-    """Write ``model``'s graph (not its weights) to ``d`` and hand its weights to ``so`` by address.
-
-    ``SessionOptions.add_initializer`` makes ONNX Runtime use a caller's buffer for an initializer without copying
-    it — here the Decoder's own parameters (``onnx_graph`` stores them as the graph's layout, ``[in, out]``), so a
-    graph that is never shipped (the unmerged one, before the merge) is validated at no extra memory and without
-    writing the model. ``add_external_initializers`` would copy every weight (2x the model). The graph file still
-    declares each weight as external data, which ONNX Runtime checks exists before it applies the override: a
-    sparse placeholder file (no disk blocks) satisfies that check and is never read.
-    """
-    import onnxruntime as ort
-
-    placeholder = "weights-in-memory.placeholder"
-    held: dict[str, ir.TensorProtocol] = {}
-    keep: list[Any] = []
-    for name, v in model.graph.initializers.items():
-        t = v.const_value
-        if t is None or t.nbytes <= 256:  # small constants stay in the graph
-            continue
-        held[name] = t
-        value = ort.OrtValue.ortvalue_from_numpy(t.numpy())  # a view: numpy() of a torch-backed tensor
-        so.add_initializer(name, value)
-        keep.append(value)
-        v.const_value = ir.ExternalTensor(placeholder, 0, t.nbytes, t.dtype, shape=ir.Shape(t.shape.numpy()), name=name)
-    try:
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for name, t in held.items():  # the caller's model is unchanged
-            model.graph.initializers[name].const_value = t
-    path = d / "graph.onnx"
-    path.write_bytes(proto.SerializeToString())
-    with open(d / placeholder, "wb") as f:
-        f.truncate(max((t.nbytes for t in held.values()), default=0))
-    return path, keep
+    """An ONNX Runtime CPU session from the one factory (``decode.session``), on PyTorch's thread count unless
+    ``threads`` is given; ``prepack=False`` reads weights in place (see ``OrtRunner``). An in-memory ``ir.Model``
+    runs on the tensors its initializers already hold: nothing is written but its graph."""
+    return session(graph, threads or torch.get_num_threads(), prepack)
 
 
 class OrtRunner(Runner):

@@ -1,4 +1,4 @@
-"""ONNX Runtime generation (layerpair/deploy/runtime.py, generate.py) on the tiny export."""
+"""ONNX Runtime generation (layerpair/decode.py, deploy/generate.py) on the tiny export."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from layerpair.arch import ArchSpec
 from layerpair.cli import main
+from layerpair.decode import DecoderIO, RuntimeSpecError, Sampling, next_token
 from layerpair.deploy.generate import export_from_dir, generator_from_export, state_pairs_from_io_json
-from layerpair.deploy.runtime import DecoderIO, RuntimeSpecError, Sampling, next_token
 from layerpair.iospec import IOSpec
 from tests.conftest import tiny_config
 

@@ -16,8 +16,8 @@ import pytest
 
 from layerpair.arch import ArchSpec
 from layerpair.cli import main
+from layerpair.decode import DecoderIO
 from layerpair.deploy.generate import export_from_dir, generator_from_export
-from layerpair.deploy.runtime import DecoderIO
 from layerpair.deploy.triton import TritonOptions, stateful_config, triton_repo_from_export
 from layerpair.iospec import IOSpec
 from tests.conftest import tiny_config
@@ -259,3 +259,60 @@ def test_tensorrt_plan_profiles_follow_the_engine_report(tiny_export: Path, tmp_
     triton_repo_from_export(out, tmp_path / "repo", TritonOptions(kind="KIND_GPU", generate_model=False))
     trt = parse_config(tmp_path / "repo" / "layerpair_trt" / "config.pbtxt")
     assert list(trt.instance_group[0].profile) == ["0"]
+
+
+def test_repository_ships_the_decode_core_standalone(repo: Path) -> None:
+    """client.py and the python model run the decode core from lp_runtime.py (a copy of layerpair/decode.py)
+    where layerpair is not installed."""
+    import subprocess
+
+    from layerpair import decode as core
+
+    for copy in (repo / "lp_runtime.py", repo / "layerpair_generate" / "1" / "lp_runtime.py"):
+        assert copy.read_bytes() == Path(core.__file__).read_bytes()
+    code = (
+        "import sys; sys.modules['layerpair'] = None; sys.path.insert(0, sys.argv[1]); import client; "
+        "assert client.decode.__module__ == 'lp_runtime' and 'torch' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+class _FakeTriton:
+    """Records each request; its "decoder" answers token (last id * 7 + 3) % 50."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    def get_model_config(self, model: str) -> dict[str, Any]:
+        names = ("input_ids", "attention_mask", "position_ids", "START")
+        return {"input": [{"name": n} for n in names], "output": [{"name": "logits"}]}
+
+    def infer(self, model: str, inputs: list[Any], outputs: Any = None, **kw: Any) -> Any:
+        arrays = {i.name(): np.frombuffer(i._raw_data, np.int64).reshape(i.shape()).tolist() for i in inputs}
+        self.requests.append({**arrays, "logits": outputs is not None, **kw})
+        logits = np.zeros((1, len(arrays["input_ids"][0]), 50), np.float32)
+        logits[0, -1, (arrays["input_ids"][0][-1] * 7 + 3) % 50] = 1
+        return types.SimpleNamespace(as_numpy=lambda name: logits)
+
+
+@pytest.mark.parametrize("stop", [[], [22], [17]])
+def test_stateful_client_requests(monkeypatch: pytest.MonkeyPatch, stop: list[int]) -> None:
+    """The sequence protocol: a leading 0 in the mask for the initial zero slot, positions counting real tokens,
+    start on the first request, end on the last, or one extra end-only request when a stop token comes early."""
+    from layerpair.deploy import triton_client
+
+    fake = _FakeTriton()
+    monkeypatch.setattr(triton_client, "_client", lambda url: fake)
+    out = triton_client.generate_stateful("url", "m", [4, 9, 2], 3, stop)
+    r = fake.requests
+    want = {(): [17, 22, 7], (22,): [17, 22], (17,): [17]}[tuple(stop)]
+    assert out == want
+    assert r[0]["input_ids"] == [[4, 9, 2]] and r[0]["attention_mask"] == [[0, 1, 1, 1]]
+    assert r[0]["position_ids"] == [[0, 1, 2]] and r[0]["sequence_start"]
+    assert [q["input_ids"] for q in r[1:]] == [[[t]] for t in want[: len(r) - 1]]
+    assert [q["position_ids"] for q in r[1:]] == [[[3 + i]] for i in range(len(r) - 1)]
+    assert [len(q["attention_mask"][0]) for q in r] == [4 + i for i in range(len(r))]
+    assert [q["sequence_end"] for q in r] == [False] * (len(r) - 1) + [True]
+    assert len(r) == (3 if not stop else len(want) + 1) and r[-1]["logits"] == (not stop)
+    assert len({q["sequence_id"] for q in r}) == 1
