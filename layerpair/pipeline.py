@@ -213,7 +213,8 @@ def _whole_stages(
         progress(f"validating the written {'merged ' if merged else ''}ONNX against PyTorch")
         what, fix = ("merged ONNX", MERGED_FIX) if merged else ("ONNX Runtime", EXPORT_FIX)
         agreement = validate(tmp / "model.onnx", spec, what, fix)
-        if typed_check is not None:
+        if typed_check is not None:  # 16-bit: a second session on the file, after the first one is gone
+            return_freed_memory()
             merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
     if ckpt.tokenizer is not None:
         ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))

@@ -125,3 +125,29 @@ def test_the_cycle_check_catches_a_deferred_cycle(tmp_path: Path) -> None:
     (ev / "text.py").write_text("def f():\n    from layerpair.evaluation import hfdata\n")
     (ev / "cli.py").write_text("import layerpair.evaluation.text\n")
     assert _cycles(_evaluation_graph(tmp_path / "layerpair")) == [["hfdata", "metrics", "text", "hfdata"]]
+
+
+def _readme_layout_modules() -> set[str]:
+    """Module paths (relative to layerpair/) named in README's Layout block; folders nest by indentation."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    out: set[str] = set()
+    folders: list[tuple[int, str]] = []  # (indent, name) of the enclosing folders
+    for line in block.splitlines():
+        name = line.strip().split(" ", 1)[0]
+        if not name or not (name.endswith("/") or name.endswith(".py")):
+            continue  # a continuation line
+        indent = len(line) - len(line.lstrip())
+        folders = [(i, f) for i, f in folders if i < indent]
+        if name.endswith("/"):
+            folders.append((indent, name))
+        elif folders and folders[0][1] == "layerpair/":
+            out.add("".join(f for _, f in folders[1:]) + name)
+    return out
+
+
+def test_readme_layout_names_every_module() -> None:
+    """README's Layout lists every module of layerpair/ (one line each, saying what it holds) and nothing gone."""
+    actual = {str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py") if f.name != "__init__.py"}
+    listed = _readme_layout_modules()
+    assert (sorted(actual - listed), sorted(listed - actual)) == ([], [])
