@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 
 from benchmarks.common import latency_limit, machine, now_utc, write_json
-from benchmarks.perf_model import cpu_check, micro
+from benchmarks.perf_model import cpu_check, micro, paper
 from benchmarks.perf_model.costs import Cost, graph_costs, totals
 from benchmarks.perf_model.devices import GPUS, cpu_device
 from benchmarks.perf_model.engine import SOURCE_ORT, EngineCosts, engine_kernels
@@ -23,7 +23,7 @@ from benchmarks.perf_model.genai import genai_model
 from benchmarks.perf_model.graph import load_graph, optimized_model
 from benchmarks.perf_model.measure import decode_timer, measure_rounds
 from benchmarks.perf_model.predict import step_time
-from benchmarks.perf_model.report import README_CONTEXT, markdown, plot, write_readme
+from benchmarks.perf_model.report import README_CONTEXT, markdown, paper_table, plot, write_readme
 from benchmarks.perf_model.sweeps import single_gpu, tp2_rows
 from benchmarks.perf_model.units import layer_split
 
@@ -31,20 +31,21 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEMA = "layerpair-bench/perf-model/1"
 VOCAB = 49152  # SmolLM2 (all three models): the random prompt's token range
 TP2_TABLE_PAIRS = 4  # README table: 4 pairs (8 of 32 layers paired); every pair count is in the JSON
+# The one per-model figure (from paper_figures.json, with its source), for the tp2 grid's comparison and the plot;
+# the per-configuration comparison is paper.compare (res["paper_comparison"]).
 PAPER_QUOTED: list[dict[str, Any]] = [
     {
-        "model": "llama-2-7b",
-        "speedup": 1.19,
-        "source": "arXiv 2502.02790v3 abstract: '1.19x throughput gain on Llama 2 7B' (pair count not stated "
-        "there; the paper's tables were not available to this session)",
+        "model": f["model"],
+        "speedup": f["speedup"],
+        "source": f"arXiv 2502.02790{f['version']} {f['where']} ({f['url']}): {f['states']}; not stated there: "
+        f"{f['not_stated_there']}",
     }
+    for f in paper.load_figures()["figures"]
+    if f.get("model") and f.get("speedup") is not None
 ]
 PAPER: dict[str, Any] = {
     "quoted": PAPER_QUOTED,
-    "other_quotes": [
-        "arXiv 2502.02790v2 abstract: 'inference throughput improvement of 1.05x-1.20x'",
-        "arXiv 2502.02790v1 Figure 1 caption: wall-clock time to generate 4096 tokens (KV cache) on 2x A100 SXM4 80GB",
-    ],
+    "other_quotes": [f"{p['version']} {p['where']}: {p['caption_facts']}" for p in paper.load_figures()["plot_only"]],
 }
 
 KernelCosts = Callable[[int, int], Sequence[Cost]]  # (batch, past) -> per-kernel costs of one decode step
@@ -86,6 +87,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="GPU kernel list: auto = the TensorRT engine's layers where an export has model.plan "
         "(layerpair-export --trt), else ONNX Runtime's optimized graph; ort = always the graph",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="only (re)compute the two-GPU comparison with the paper's figures (paper_figures.json) from "
+        "OUT/perf_model.json's layer split and the analytic model (no measurement); writes it into the JSON, "
+        "OUT/paper_comparison.md and, for the committed folder, README.md's generated block",
     )
     p.add_argument(
         "--readme",
@@ -256,6 +264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[perf_model] {msg}", file=sys.stderr, flush=True)
 
+    if a.paper:
+        path = a.out / "perf_model.json"
+        saved = json.loads(path.read_text())
+        saved["paper_comparison"] = paper.compare(saved["layer_split"])
+        write_json(path, saved)
+        (a.out / "paper_comparison.md").write_text("\n".join(paper_table(saved["paper_comparison"])) + "\n")
+        say(f"paper comparison written into {path} and {a.out / 'paper_comparison.md'}")
+        if a.out.resolve() == (REPO / "benchmarks" / "results" / "perf_model").resolve():
+            write_readme(saved, path, REPO / "README.md")
+        print("\n".join(paper_table(saved["paper_comparison"])))
+        return 0
+
     if a.readme:
         saved = json.loads((a.out / "perf_model.json").read_text())
         say(f"README.md: prediction table regenerated from {a.out / 'perf_model.json'}")
@@ -283,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["tp2"] = tp2_rows(split)
     res["tp2_table_pairs"] = TP2_TABLE_PAIRS
     res["paper"] = {**PAPER, "comparison": paper_comparison(res["tp2"])}
+    res["paper_comparison"] = paper.compare(res["layer_split"])
     engine_used = any(v["source"] != SOURCE_ORT for v in res["kernel_source"].values())
     res["assumptions"] = [ENGINE_KERNELS if engine_used else ORT_KERNELS, *ASSUMPTIONS[1:]]
     if engine_used:
@@ -303,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "perf_model.json", res)
     (a.out / "perf_model.md").write_text(markdown(res))
+    (a.out / "paper_comparison.md").write_text("\n".join(paper_table(res["paper_comparison"])) + "\n")
     plot(res, a.out)
     if a.out.resolve() == (REPO / "benchmarks" / "results" / "perf_model").resolve():
         write_readme(res, a.out / "perf_model.json", REPO / "README.md")

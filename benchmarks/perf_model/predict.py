@@ -63,6 +63,8 @@ class TPParams:
     kernels_outside: int
     link_latency_s: float
     cuda_graphs: bool
+    head_split: bool = True  # LM head split by vocab over the GPUs + one gather; False: whole head on each GPU
+    pair_extra_kernels: int = 0  # kernels a pair launches beyond one layer's (e.g. a second down projection + sum)
 
 
 def _layer_time(m: LlamaShape, dev: Device, batch: int, ctx: int, share: float) -> float:
@@ -78,10 +80,14 @@ def tp2_step(m: LlamaShape, dev: Device, batch: int, ctx: int, pairs: int, p: TP
     launch = dev.launch_graph_s if p.cuda_graphs and dev.launch_graph_s is not None else dev.launch_eager_s
     link = dev.link_bw or 25e9  # no NVLink (RTX 4090): PCIe 4.0 x16 ~25 GB/s per direction, assumed
     allreduce = p.link_latency_s + 2.0 * batch * m.hidden / link
-    head = max(2.0 * m.vocab * m.hidden * 0.5 / dev.bandwidth, batch * m.vocab * m.hidden / dev.peak_flops)
-    outside = p.kernels_outside * launch + head + allreduce  # LM head split by vocab, one gather of the logits
+    share = 0.5 if p.head_split else 1.0
+    head = max(
+        2.0 * m.vocab * m.hidden * share / dev.bandwidth, 2.0 * batch * m.vocab * m.hidden * share / dev.peak_flops
+    )
+    # LM head split by vocab: one gather of the logits; whole on each GPU: no communication
+    outside = p.kernels_outside * launch + head + (allreduce if p.head_split else 0.0)
     single = m.layers - 2 * pairs
     per_layer = p.kernels_per_layer * launch + 2 * allreduce
     t_single = single * (per_layer + _layer_time(m, dev, batch, ctx, 0.5))
-    t_pairs = pairs * (per_layer + _layer_time(m, dev, batch, ctx, 1.0))  # one whole branch per GPU
+    t_pairs = pairs * (per_layer + p.pair_extra_kernels * launch + _layer_time(m, dev, batch, ctx, 1.0))
     return outside + t_single + t_pairs

@@ -101,6 +101,72 @@ def _paper_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def paper_table(pc: dict[str, Any], full: bool = True) -> list[str]:
+    """The two-GPU prediction beside the paper's reported figures (``res["paper_comparison"]``), PREDICTIONS."""
+    st = pc["setup"]
+    lats = sorted({p["link_latency_us"] for p in pc["parameters"]})
+    lines = [
+        f"**Paper's regime (arXiv 2502.02790): PREDICTION beside the paper's reported figures.** Figures from "
+        f"`{pc['figures_file']}` (URL, version and place of each); 2x {st['device']}, batch {st['batch']}, mean "
+        f"context {st['mean_context']} ({st['source']}). Per-kernel cost, link latency and structure as stated in "
+        "`paper_comparison.parameter_sources` of the JSON, fixed before comparing (nothing fitted).",
+        "",
+        "| figure | model | reported | Δ in source | "
+        + " | ".join(f"Δ within {pc['tolerance']}, eager, link {x:g} us" for x in lats)
+        + " | per-configuration comparison |",
+        "|---|---|---|---|" + "---|" * len(lats) + "---|",
+    ]
+    seen: set[str] = set()
+    for r in pc["rows"]:
+        if r["figure"] in seen:
+            continue
+        seen.add(r["figure"])
+        same = [x for x in pc["rows"] if x["figure"] == r["figure"] and x.get("matches_implementation")]
+        cells = []
+        for lat in lats:
+            x = next((x for x in same if x["link_latency_us"] == lat), None)
+            if x is None:
+                cells.append("—")
+            elif x["comparable"]:
+                cells.append(f"{x['predicted']:.3f} ({x['diff']:+.3f})")
+            else:
+                cells.append(", ".join(map(str, x["paired_layers_within_tolerance"])) or "none")
+        rng = r.get("reported_range")
+        rep = f"{r['reported']:.2f}x" if r["reported"] is not None else "—"
+        rep = f"{rng[0]:.2f}x-{rng[1]:.2f}x" if rng else rep
+        src = f"[{r['version']} {r['where']}]({r['url']})"
+        cmp_ = "yes" if r["comparable"] else f"no — {r['why']}"
+        lines.append(
+            f"| {src} | {r.get('model') or '—'} | {rep} | {r.get('paired_layers') or 'not stated'} | "
+            + " | ".join(cells)
+            + f" | {cmp_} |"
+        )
+    if full:
+        lines += [
+            "",
+            "Predicted speed-up by paired layers Δ (eager, as the paper's code), beside the limit L/(L-Δ/2):",
+            "",
+        ]
+        for p in (p for p in pc["predictions"] if p["matches_implementation"]):
+            ds = [d for d in p["speedup_by_paired_layers"] if int(d) % 4 == 0 and int(d) > 0]
+            lines.append(
+                f"- {p['model']}, link {p['link_latency_us']:g} us: "
+                + ", ".join(
+                    f"Δ={d}: {p['speedup_by_paired_layers'][d]:.3f} (limit {p['limit_by_paired_layers'][d]:.3f})"
+                    for d in ds
+                )
+            )
+    acc = pc["acceptance"]
+    lines += [
+        "",
+        f"Acceptance (issue 17, within {pc['tolerance']} for at least {acc['needed']} configurations): "
+        f"{acc['configurations_compared']} compared, {len(acc['configurations_within'])} within — "
+        + ("met." if acc["met"] else "not met; the note says why."),
+    ]
+    lines += [f"- {x}" for x in pc.get("note", [])]
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     la0, la1 = res["load_average_start"], res["load_average_end"]
     head = [
@@ -123,7 +189,8 @@ def markdown(res: dict[str, Any]) -> str:
         *[f"- {note}" for v in res.get("kernel_source", {}).values() for note in v.get("notes", [])],
         "",
     ]
-    return "\n".join(head + _cpu_table(res) + body + _gpu_table(res) + _paper_lines(res)) + "\n"
+    extra = ["", *paper_table(res["paper_comparison"])] if "paper_comparison" in res else []
+    return "\n".join(head + _cpu_table(res) + body + _gpu_table(res) + _paper_lines(res) + extra) + "\n"
 
 
 def plot(res: dict[str, Any], out: Path) -> Path:
@@ -219,6 +286,7 @@ def readme_block(res: dict[str, Any], json_rel: str = RESULTS_JSON) -> str:
         "",
         *_gpu_table(res, predicted_header=True),
         "",
+        *([*paper_table(res["paper_comparison"], full=False), ""] if "paper_comparison" in res else []),
         README_END,
     ]
     return "\n".join(lines)
