@@ -64,7 +64,7 @@ class ExportOptions:
     atol: float = DEFAULT_ATOL
     merge: bool = True  # --no-merge keeps each pair as two branches (layerpair/graph_passes)
     extra: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"  # graph dtype (--dtype), see layerpair/engine/dtype.py
+    dtype: str = "float32"  # graph dtype (--dtype), see layerpair/exporter/precision.py
     engine: Any = None  # layerpair.engine.stage.EngineOptions with --trt
     # --pairs auto / --heal: checkpoint -> (Decoder to export, report entries); see layerpair/evaluation/selection.py
     decoder_for: Any = None
@@ -120,7 +120,7 @@ def onnx_file_facts(path: Path, opset: int, op_types: list[str]) -> dict[str, An
 class _Validator:
     """ONNX Runtime on a graph against the recorded fp32 PyTorch reference; ValidationError above tolerance."""
 
-    typed: Any  # engine.dtype.TypedExport
+    typed: Any  # exporter.precision.TypedExport
     reference: RecordedRunner
     ref_spec: IOSpec
     tokenizer: Any
@@ -128,7 +128,7 @@ class _Validator:
     say: Progress
 
     def __call__(self, graph: Graph, spec: IOSpec, what: str, fix: str) -> dict[str, Agreement]:
-        from layerpair.engine.dtype import tolerance_failures
+        from layerpair.exporter.precision import tolerance_failures
 
         agreement = self.typed.agreement(graph, spec, self.reference, self.ref_spec, self.tokenizer, self.say)
         self.say(format_agreement(agreement))
@@ -159,10 +159,10 @@ def run_export(
 
 def validation_mode(opts: ExportOptions, arch: Any) -> tuple[str, str]:
     """ "whole" when the fp32 PyTorch model and an ONNX Runtime session of it fit in memory one after the other
-    (peak ~1.3x the fp32 weight bytes + ~1 GB; ~2.2x with --dtype fp16/bf16: ONNX Runtime's CPU provider keeps fp32
-    copies of 16-bit weights next to the typed model — Llama-3.2-1B fp16 peaked at 10.4 GB, 2.1x), else
+    (peak ~1.3x the fp32 weight bytes + ~1 GB; ~2.8x with --dtype fp16/bf16: ONNX Runtime's CPU provider keeps fp32
+    copies of 16-bit weights next to the typed model — Llama-3.2-1B fp16 peaked at 13.2 GB, 2.8x), else
     "windowed"; ``--validation`` overrides."""
-    need = (1.3 if opts.dtype == "float32" else 2.2) * 4 * arch.num_parameters() + 2**30
+    need = (1.3 if opts.dtype == "float32" else 2.8) * 4 * arch.num_parameters() + 2**30
     avail = available_memory()
     if opts.validation != "auto":
         return opts.validation, "--validation " + opts.validation
@@ -233,11 +233,11 @@ def _load_and_record(
     """Load the fp32 reference Decoder, type it (--dtype), record its outputs once. Returns the validator (holding
     the recording), the Decoder to export, and the fp32 Decoder where a later stage still runs it (``--trt``'s
     GPU checks, bf16 validation) — else None: with ``--dtype`` the fp32 copy is freed here."""
-    from layerpair.engine.dtype import typed_export
+    from layerpair.exporter.precision import typed_export
 
     with meter("load"):
         dec32 = reference_decoder(ckpt, opts, pairs_for, progress)
-        typed = typed_export(dec32, opts.dtype, ckpt.tokenizer, progress)  # --dtype: engine/dtype.py
+        typed = typed_export(dec32, opts.dtype, ckpt.tokenizer, progress)  # --dtype: exporter/precision.py
     with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
         progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
         reference = record_reference(TorchRunner(dec32), dec32.io, ckpt.tokenizer)
@@ -288,7 +288,7 @@ def _windowed_stages(
 ) -> dict[str, Any]:
     """No whole PyTorch model: the graph is written straight from the checkpoint and validated window by window
     (exporter/windowed.py) against PyTorch blocks read for that window only."""
-    from layerpair.engine.dtype import DTYPE_TOLERANCE, TORCH_DTYPES
+    from layerpair.exporter.precision import DTYPE_TOLERANCE, TORCH_DTYPES
 
     if opts.decoder_for is not None or ckpt.weights is None:
         raise InputError("--validation windowed needs a checkpoint read tensor by tensor, without --pairs auto/--heal",
@@ -360,7 +360,7 @@ def _report(
     agreement: dict[str, Agreement],
     merge_info: dict[str, Any],
 ) -> dict[str, Any]:
-    from layerpair.engine.dtype import tolerance_json
+    from layerpair.exporter.precision import tolerance_json
 
     arch = ckpt.arch
     report: dict[str, Any] = {

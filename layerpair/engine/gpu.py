@@ -44,7 +44,7 @@ class EngineThresholds:
       differences: fp32 1e-3 (TensorRT may run fp32 MatMuls in TF32, 10-bit significand), 16-bit 5e-2.
     * ``torch_rel``: engine vs the original fp32 PyTorch model on every validation case, normwise — logits'
       max_abs over the reference's largest |logit|, caches' over its largest |K|,|V| — the dtype tolerance
-      of ``engine/dtype.py`` (fp16 2e-2, bf16 8e-2); fp32 2e-2 as well, because of TF32.
+      of ``exporter/precision.py`` (fp16 2e-2, bf16 8e-2); fp32 2e-2 as well, because of TF32.
     * ``min_top1`` / ``max_kl``: over ``n_tokens`` greedy tokens of PyTorch replayed teacher-forced through
       the engine: top-1 agreement at least, mean KL(PyTorch || engine) per position at most. Near-ties may
       flip a few tokens, so top-1 is not 1.0; a broken engine drops far below.
@@ -184,7 +184,7 @@ def engine_vs_torch(
 ) -> dict[str, Any]:
     """The engine against the original fp32 PyTorch model (see module docstring); ``reference_cache_max`` is
     the scale of the cache threshold."""
-    from layerpair.engine.dtype import reference_cache_max
+    from layerpair.exporter.precision import reference_cache_max
 
     ref = TorchRunner(dec32)
     agreement = compare_runners(ours, spec, ref, dec32.io, tokenizer)

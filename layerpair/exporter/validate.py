@@ -129,17 +129,20 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    def __init__(self, module: torch.nn.Module) -> None:
+    """A PyTorch decoder behind the Runner contract, in ``dtype`` (default: the module's own). Numpy in and out is
+    float32 for 16-bit modules (numpy has no bfloat16 that torch can wrap): caches are cast on the way in."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
         self.module = module
+        self.dtype = dtype or next(module.parameters()).dtype
 
     def step(
         self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
+        past_t = [torch.from_numpy(np.asarray(p, np.float32)).to(self.dtype) for p in past]
         with torch.no_grad():
-            out = self.module(
-                torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), *map(torch.from_numpy, past)
-            )
-        return out[0].float().numpy(), [t.numpy() for t in out[1:]]
+            out = self.module(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), *past_t)
+        return out[0].float().numpy(), [t.float().numpy() for t in out[1:]]
 
 
 Graph = Path | str | ir.Model  # a written model.onnx, or a graph in memory whose weights are the Decoder's own

@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from layerpair.arch import ArchSpec
-from layerpair.engine.dtype import typed_decoder
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import export_onnx
+from layerpair.exporter.precision import typed_decoder
 from layerpair.iospec import IOSpec
 from tests.conftest import tiny_model
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from layerpair.engine.dtype import (
+from layerpair.engine.dtype import fp32_islands
+from layerpair.exporter.precision import (
     DTYPE_TOLERANCE,
-    fp32_islands,
     overflow_scan,
     reference_cache_max,
     typed_decoder,
@@ -49,15 +49,8 @@ def test_bf16_decoder_within_bf16_tolerance() -> None:
     assert bf.embed_tokens.dtype == torch.bfloat16 and bf.inv_freq.dtype == torch.float32
     assert dec32.embed_tokens.dtype == torch.float32  # the reference is untouched
 
-    class Bf16Runner(TorchRunner):
-        def step(self, ids, mask, pos, past):  # type: ignore[no-untyped-def]
-            past_t = [torch.from_numpy(p).to(torch.bfloat16) for p in past]
-            with torch.no_grad():
-                out = self.module(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), *past_t)
-            return out[0].float().numpy(), [t.float().numpy() for t in out[1:]]
-
     spec = IOSpec.for_model(arch, dtype="float32")  # fed as fp32 numpy, cast inside the runner
-    res = compare_runners(Bf16Runner(bf), spec, TorchRunner(dec32), dec32.io)
+    res = compare_runners(TorchRunner(bf), spec, TorchRunner(dec32), dec32.io)  # one runner, any dtype
     assert within_dtype_tolerance(res, "bfloat16", reference_cache_max(dec32, None), 1e-4) == []
 
 

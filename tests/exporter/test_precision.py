@@ -12,12 +12,17 @@ import onnx_ir as ir
 import pytest
 
 from layerpair.arch import ArchSpec
-from layerpair.engine.dtype import typed_decoder, within_dtype_tolerance
 from layerpair.errors import ValidationError
 from layerpair.exporter import precision
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import export_onnx, save_model
-from layerpair.exporter.precision import MERGE_TOLERANCE, TypedMergeCheck, record_unmerged
+from layerpair.exporter.precision import (
+    MERGE_TOLERANCE,
+    TypedMergeCheck,
+    record_unmerged,
+    typed_decoder,
+    within_dtype_tolerance,
+)
 from layerpair.exporter.validate import OrtRunner, RecordedRunner, TorchRunner, compare_runners, record_reference
 from layerpair.graph_passes import merge_pairs
 from layerpair.iospec import IOSpec

@@ -157,8 +157,8 @@ def _feeds_layer(n: ir.Node, ctx: ir.Value) -> bool:
 
 def test_fp16_graph_merges_with_its_fp32_islands(tiny_pair_exports: dict[str, TinyExport], tmp_path: Path) -> None:
     """--dtype float16: norms and softmax run in fp32 between Casts; the merged pair keeps those islands."""
-    from layerpair.engine.dtype import typed_decoder
     from layerpair.exporter.onnx_export import export_onnx
+    from layerpair.exporter.precision import typed_decoder
 
     ex = tiny_pair_exports["qwen3"]  # q/k norms: the most casts
     path16 = tmp_path / "fp16.onnx"
@@ -171,7 +171,7 @@ def test_fp16_graph_merges_with_its_fp32_islands(tiny_pair_exports: dict[str, Ti
     spec = IOSpec.for_model(ex.arch, [PAIR], merged=True, dtype="float16")
     uspec = IOSpec.for_model(ex.arch, [PAIR], merged=False, dtype="float16")
     res = compare_runners(OrtRunner(out, spec, threads=1), spec, OrtRunner(path16, uspec, threads=1), uspec)
-    for a in res.values():  # fp16 rounding of the folded weights: normwise, as layerpair/engine/dtype.py states it
+    for a in res.values():  # fp16 rounding of the folded weights: normwise, as exporter/precision.py states it
         assert a.max_rel <= 2e-2 and a.top1 == 1.0
 
 
