@@ -151,3 +151,14 @@ def test_readme_layout_names_every_module() -> None:
     actual = {str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py") if f.name != "__init__.py"}
     listed = _readme_layout_modules()
     assert (sorted(actual - listed), sorted(listed - actual)) == ([], [])
+
+
+def test_no_function_longer_than_60_lines() -> None:
+    """Functions short enough to read at once (nested functions count on their own)."""
+    long = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno is not None:
+                if n.end_lineno - n.lineno + 1 > 60:
+                    long.append(f"{f.relative_to(PACKAGE)}:{n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert long == []
