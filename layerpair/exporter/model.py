@@ -36,6 +36,9 @@ from layerpair.errors import NonFiniteWeightError
 from layerpair.exporter.weights import StateDictWeights, WeightReader, require
 from layerpair.iospec import IOSpec
 
+# The one dtype table: graph dtype name -> torch dtype (every other module reads it from here).
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-import torch
 
 from layerpair.errors import InputError, disk_full_as_output_error
-from layerpair.exporter.model import Decoder
+from layerpair.exporter.model import TORCH_DTYPES, Decoder
 from layerpair.exporter.onnx_graph import Source, build_graph
 from layerpair.iospec import IOSpec
 
@@ -75,5 +74,5 @@ def export_onnx(
 
 def build_model(dec: Decoder, opset: int = DEFAULT_OPSET, source: Source | None = None) -> ir.Model:
     """The unmerged graph of ``dec`` in its dtype, weights lazy (nothing is read until it is saved)."""
-    dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dec.embed_tokens.dtype]
+    dtype = next(name for name, t in TORCH_DTYPES.items() if t == dec.embed_tokens.dtype)
     return build_graph(dec, IOSpec.for_model(dec.arch, dec.pairs, dtype=dtype), opset, source)

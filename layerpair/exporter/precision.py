@@ -32,7 +32,6 @@ Above that the report and console say plainly that the bf16 graph was not execut
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from layerpair.errors import ValidationError
-from layerpair.exporter.model import Decoder
+from layerpair.exporter.model import TORCH_DTYPES, Decoder
 from layerpair.exporter.validate import (
     VALIDATION_TEXT,
     Agreement,
@@ -61,7 +60,6 @@ from layerpair.exporter.validate import (
 )
 from layerpair.iospec import IOSpec
 
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Normwise relative tolerance on logits and on the KV cache for 16-bit graphs against the fp32 reference: a 16-bit
 # graph rounds every activation (fp16: unit roundoff 4.9e-4; bf16: 3.9e-3) through ~10 ops per layer.
 DTYPE_TOLERANCE: dict[str, float] = {"float16": 2e-2, "bfloat16": 8e-2}
@@ -240,8 +238,12 @@ def typed_decoder(dec: Decoder, dtype: str) -> Decoder:
     """A copy of ``dec`` in ``dtype`` (the fp32 original stays the validation reference)."""
     if dtype == "float32":
         return dec
-    typed = copy.deepcopy(dec).to(TORCH_DTYPES[dtype])
-    typed.inv_freq = dec.inv_freq.float()  # .to() casts buffers too; rotary stays fp32 (as from_hf does)
+    # Parameter by parameter onto a meta skeleton: a deepcopy would first duplicate the fp32 model (5 GB for
+    # Llama-3.2-1B) before casting it.
+    typed = Decoder.skeleton(dec.arch, dec.pairs)
+    for name, p in dec.named_parameters():
+        typed.set_parameter(name, p.detach().to(TORCH_DTYPES[dtype]))
+    typed.inv_freq = dec.inv_freq.float()  # rotary stays fp32 (as from_hf does)
     return typed
 
 
