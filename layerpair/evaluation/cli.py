@@ -4,8 +4,10 @@
                           [--heal] [--json OUT.json]
     layerpair-export eval MODEL --pairs auto --max-ppl-increase 5% [--target-depth N] [--plot frontier.png]
 
-Evaluation reads the first ``--tokens`` tokens of the text; calibration reads the last tokens of the same text
-(or of ``--calib-text``), never overlapping: ``--calib-tokens`` (default 2048) for the ``--pairs auto`` search,
+Evaluation reads the first ``--tokens`` tokens of the text; calibration (``--pairs auto``, ``--heal``) reads text
+sampled from the original model itself (``--calib generated``, the default; ``layerpair/evaluation/generated.py``),
+or with ``--calib text`` the last tokens of the same text (or of ``--calib-text``), never overlapping:
+``--calib-tokens`` (default 2048) for the ``--pairs auto`` search,
 ``--heal-tokens`` (default 16384, capped by the text) for ``--heal``.
 """
 
@@ -34,6 +36,7 @@ from layerpair.evaluation.data import (
     text_from_arg,
     windows_from_tokens,
 )
+from layerpair.evaluation.generated import DEFAULT_LENGTH, DEFAULT_SEQUENCES
 from layerpair.evaluation.metrics import (
     DEFAULT_BATCH,
     OnnxBackend,
@@ -44,7 +47,13 @@ from layerpair.evaluation.metrics import (
     ppl_rel_diff,
 )
 from layerpair.evaluation.metrics import text_metrics_many as compute_text_metrics_many
-from layerpair.evaluation.selection import check_selection_args, select_pairs
+from layerpair.evaluation.selection import (
+    CALIB_SOURCES,
+    DEFAULT_CALIB,
+    calibration,
+    check_selection_args,
+    select_pairs,
+)
 
 DEFAULT_TOKENS = 8192
 DEFAULT_CALIB_TOKENS = 2048
@@ -65,8 +74,17 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heal", action="store_true", help="refit each pair's o_proj/down_proj on calibration text")
     g.add_argument("--heal-damping", type=float, default=None, help="ridge damping of --heal (default 1e-2)")
     g.add_argument(
-        "--calib-text", default=None, help="calibration text file or hf:PATH[:CONFIG]:SPLIT (default: end of --text)"
+        "--calib-text", default=None, help="calibration text file or hf:PATH[:CONFIG]:SPLIT (implies --calib text)"
     )
+    g.add_argument(
+        "--calib",
+        choices=CALIB_SOURCES,
+        default=None,
+        help=f"calibration source: text sampled from the model itself, or --calib-text (default {DEFAULT_CALIB})",
+    )
+    g.add_argument("--calib-samples", type=int, default=DEFAULT_SEQUENCES, help="--calib generated: sequences")
+    g.add_argument("--calib-length", type=int, default=DEFAULT_LENGTH, help="--calib generated: tokens each")
+    g.add_argument("--calib-seed", type=int, default=0, help="--calib generated: sampling seed (default 0)")
     g.add_argument(
         "--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"--pairs auto (default {DEFAULT_CALIB_TOKENS})"
     )
@@ -148,8 +166,10 @@ def run_eval_cli(argv: Sequence[str]) -> int:
     encode = encoder(ck.tokenizer)
     tokens = encode(text)
     ev = windows_from_tokens(tokens, a.window, a.tokens)
-    calib_tokens = tokens if a.calib_text is None else encode(text_from_arg(a.calib_text, a.text_field))
-    sel = select_pairs(a, dec0, calib_tokens, same_text=a.calib_text is None, eval_windows=ev, progress=say)
+    calib, calib_report = calibration(a, dec0, ck.tokenizer, encode, tokens, say)
+    same_text = a.calib_text is None and not isinstance(calib, torch.Tensor)
+    sel = select_pairs(a, dec0, calib, same_text=same_text, eval_windows=ev, progress=say)
+    sel.report.update(calib_report)
     report: dict[str, Any] = {
         "model": a.model,
         "pairs": [list(p) for p in sel.pairs],

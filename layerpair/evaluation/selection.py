@@ -12,13 +12,24 @@ from typing import Any
 import torch
 
 from layerpair.errors import InputError
-from layerpair.evaluation.data import DEFAULT_WINDOW, check_text_arg, encoder, text_from_arg, windows_from_tokens
+from layerpair.evaluation.data import (
+    DEFAULT_WINDOW,
+    Encode,
+    check_text_arg,
+    encoder,
+    text_from_arg,
+    windows_from_tokens,
+)
+from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
 from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
 from layerpair.evaluation.search import auto_pairs, parse_budget, save_frontier_plot
 from layerpair.exporter.model import Decoder
 
 Pairs = tuple[tuple[int, int], ...]
 DEFAULT_HEAL_TOKENS = 16384
+CALIB_SOURCES = ("generated", "text")
+DEFAULT_CALIB = "text"  # without --calib-text: the end of the evaluation text / pydoc (docs/accuracy.md)
+Calib = Sequence[int] | torch.Tensor  # the tokens of a calibration text, or generated windows [N,L]
 
 
 @dataclass
@@ -54,23 +65,24 @@ def calibration_windows(
 def select_pairs(
     a: argparse.Namespace,
     dec0: Decoder,
-    calib_tokens: Sequence[int],
+    calib_tokens: Calib,
     same_text: bool,
     eval_windows: torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Selection:
-    """Resolve ``a.pairs`` (explicit or ``auto``) and ``a.heal`` against the original-weights ``dec0``."""
+    """Resolve ``a.pairs`` (explicit or ``auto``) and ``a.heal`` against the original-weights ``dec0``, calibrated
+    on ``calib_tokens``: a text's tokens (read from its end) or generated windows [N,L] (read from the first row)."""
     from layerpair.exporter.pairs import parse_pairs
 
     say = progress or (lambda msg: None)
     window = getattr(a, "window", DEFAULT_WINDOW)
     auto = a.pairs.strip().lower() == "auto"
     report: dict[str, Any] = {}
-    cal: torch.Tensor | None = None
     if auto:
-        cal = calibration_windows(calib_tokens, a.calib_tokens, window, eval_windows if same_text else None)
-    if auto:
-        assert cal is not None
+        if isinstance(calib_tokens, torch.Tensor):
+            cal = generated_rows(calib_tokens, a.calib_tokens, "--pairs auto", say)
+        else:
+            cal = calibration_windows(calib_tokens, a.calib_tokens, window, eval_windows if same_text else None)
         budget = parse_budget(a.max_ppl_increase) if a.max_ppl_increase is not None else None
         res = auto_pairs(dec0, cal, budget, a.target_depth, beam=a.beam, progress=say)
         print(res.table())
@@ -82,15 +94,68 @@ def select_pairs(
     else:
         pairs = parse_pairs(a.pairs, dec0.arch.num_layers)
     if a.heal and pairs:
-        used = eval_windows.numel() if (same_text and eval_windows is not None) else 0
-        n_heal = heal_windows(calib_tokens, getattr(a, "heal_tokens", None), window, used, say)
-        heal_cal = calibration_windows(calib_tokens, n_heal, window, eval_windows if same_text else None)
+        heal_cal = _heal_calibration(a, calib_tokens, window, eval_windows if same_text else None, say)
         damping = a.heal_damping or DEFAULT_DAMPING
         say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {damping:g})")
         dec, rep = heal_pairs(dec0, pairs, heal_cal, damping=damping, progress=say)
         report["heal"] = rep.to_json()
         return Selection(pairs, dec, report)
     return Selection(pairs, with_pairs(dec0, pairs), report)
+
+
+def _heal_calibration(
+    a: argparse.Namespace, calib: Calib, window: int, eval_windows: torch.Tensor | None, say: Callable[[str], None]
+) -> torch.Tensor:
+    """The ``--heal`` calibration windows: the first rows of generated windows, or the end of a text."""
+    requested = getattr(a, "heal_tokens", None)
+    if isinstance(calib, torch.Tensor):
+        return generated_rows(calib, DEFAULT_HEAL_TOKENS if requested is None else requested, "--heal", say)
+    used = eval_windows.numel() if eval_windows is not None else 0
+    n_heal = heal_windows(calib, requested, window, used, say)
+    return calibration_windows(calib, n_heal, window, eval_windows)
+
+
+def generated_rows(windows: torch.Tensor, n_tokens: int, what: str, say: Callable[[str], None]) -> torch.Tensor:
+    """The first whole rows of generated ``windows`` [N,L] holding ``n_tokens`` (rounded up; all when short)."""
+    rows = -(-n_tokens // windows.shape[1])
+    if rows > windows.shape[0]:
+        say(f"{what}: the generated calibration holds {windows.numel()} tokens (asked {n_tokens}); using them all")
+    return windows[:rows]
+
+
+def gen_spec(a: argparse.Namespace) -> GenSpec:
+    return GenSpec(getattr(a, "calib_samples", 64), getattr(a, "calib_length", 256), seed=getattr(a, "calib_seed", 0))
+
+
+def calib_source(a: argparse.Namespace) -> str:
+    """``--calib``, else ``text`` when ``--calib-text`` is given, else DEFAULT_CALIB."""
+    src = getattr(a, "calib", None)
+    return src if src is not None else ("text" if a.calib_text is not None else DEFAULT_CALIB)
+
+
+def calibration(
+    a: argparse.Namespace,
+    dec0: Decoder,
+    tokenizer: Any,
+    encode: Encode,
+    text_tokens: Sequence[int] | None,
+    say: Callable[[str], None],
+) -> tuple[Calib, dict[str, Any]]:
+    """The calibration of ``--pairs auto`` / ``--heal`` and its report.json entry: generated windows, or the
+    tokens of ``--calib-text`` (else ``text_tokens``, else the default text). Nothing is generated when neither
+    flag is in use."""
+    auto = a.pairs.strip().lower() == "auto"
+    if calib_source(a) == "generated" and (auto or a.heal):
+        spec = gen_spec(a)
+        windows, info = generated_windows(dec0, bos_id(tokenizer, encode), encode, spec, say)
+        entry = {"source": "generated", "temperature": spec.temperature, "seed": spec.seed, **info.to_json()}
+        return windows, {"calibration": entry}
+    if a.calib_text is None and text_tokens is not None:
+        tokens = text_tokens
+    else:
+        tokens = encode(text_from_arg(a.calib_text, getattr(a, "text_field", "text")))
+    name = str(a.calib_text) if a.calib_text is not None else "the end of the evaluation text"
+    return tokens, {"calibration": {"source": name, "tokens": len(tokens)}}
 
 
 def heal_windows(
@@ -127,13 +192,17 @@ def check_selection_args(a: argparse.Namespace) -> bool:
     if heal_tokens is not None and heal_tokens < 1:
         raise InputError(f"--heal-tokens must be >= 1, got {heal_tokens}", f"pass e.g. {DEFAULT_HEAL_TOKENS}")
     check_text_arg(a.calib_text, "--calib-text")
+    if getattr(a, "calib", None) == "generated" and a.calib_text is not None:
+        raise InputError("--calib generated and --calib-text exclude each other", "drop one of them")
+    gen_spec(a).check()  # bad --calib-samples/--calib-length/--calib-seed fail even where they are not used
     return auto or bool(a.heal)
 
 
 def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, dict[str, Any]]] | None:
     """For the export pipeline: None for a plain ``--pairs`` spec, else ``decoder_for(checkpoint)`` that searches
-    (``--pairs auto``) and/or heals (``--heal``) on the calibration text (default: the *end* of the pydoc topics
-    text, so ``layerpair-export eval`` on its default text, which reads the start, stays held out) and returns
+    (``--pairs auto``) and/or heals (``--heal``) on the calibration (default: text sampled from the model itself;
+    ``--calib text``: ``--calib-text`` or the *end* of the pydoc topics text, so ``layerpair-export eval`` on its
+    default text, which reads the start, stays held out) and returns
     the Decoder to export plus the ``auto``/``heal`` entries for report.json."""
     if not check_selection_args(a):
         return None
@@ -142,10 +211,10 @@ def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, di
         if ckpt.tokenizer is None:
             raise InputError("--pairs auto / --heal need the model's tokenizer", "use a checkpoint that ships one")
         dec0 = ckpt.decoder(())
-        tokens = encoder(ckpt.tokenizer)(text_from_arg(a.calib_text, getattr(a, "text_field", "text")))
         say = progress_to_stderr
-        sel = select_pairs(a, dec0, tokens, same_text=False, progress=say)
-        return sel.decoder, sel.report
+        calib, calib_report = calibration(a, dec0, ckpt.tokenizer, encoder(ckpt.tokenizer), None, say)
+        sel = select_pairs(a, dec0, calib, same_text=False, progress=say)
+        return sel.decoder, {**sel.report, **calib_report}
 
     return decoder_for
 

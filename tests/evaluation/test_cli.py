@@ -35,12 +35,16 @@ def test_eval_auto_heal_writes_json(
     rc = main(
         ["eval", str(tiny_checkpoint_with_tokenizer), "--pairs", "auto", "--target-depth", "4", "--heal",
          "--text", str(text_file), "--tokens", "256", "--window", "64", "--calib-tokens", "256",
-         "--mc", str(mc), "--json", str(out), "--plot", str(plot)]
+         "--mc", str(mc), "--json", str(out), "--plot", str(plot),
+         "--calib", "generated", "--calib-samples", "8", "--calib-length", "64"]
     )  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     r = json.loads(out.read_text())
     assert r["depth"] == 4 and len(r["pairs"]) == 2
     assert r["auto"]["frontier"][-1]["depth"] == 4 and r["heal"]["pairs"] == r["pairs"]
+    # default calibration: 8 x 64 tokens sampled from the model itself; the search reads 256 of them (4 rows)
+    assert r["calibration"]["source"] == "generated" and r["calibration"]["tokens"] == 512
+    assert r["auto"]["calib_tokens"] == 256 and r["heal"]["calib_tokens"] == 512
     assert r["pytorch"]["text"]["scored_tokens"] == 4 * 63
     assert 0 <= r["pytorch"]["mc"]["acc"] <= 1
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -82,7 +86,7 @@ def test_eval_text_errors(
     text = tmp_path / "t.txt"
     text.write_text(TEXT * 3)
     assert main(["eval", str(tiny_checkpoint_with_tokenizer), "--text", str(text), "--window", "64", "--tokens",
-                 "256", "--pairs", "1-2", "--heal", "--heal-tokens", "100000"]) == 2  # fmt: skip
+                 "256", "--pairs", "1-2", "--heal", "--heal-tokens", "100000", "--calib", "text"]) == 2  # fmt: skip
     assert "would overlap" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
