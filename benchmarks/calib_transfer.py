@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--search-tokens", type=int, default=2048)
     p.add_argument("--pydoc-pairs", default=STUDY_PAIRS_24, help="'search' re-runs the pydoc search")
+    p.add_argument("--generated-pairs", default="search", help="pairs for (b); 'search' searches the samples")
+    p.add_argument("--only", choices=("pydoc", "generated"), default=None, help="one calibration only")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine: see docs)")
     a = p.parse_args(argv)
@@ -81,8 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     models: dict[str, TorchBackend] = {}
     for name, (search_cal, heal_cal) in calibs.items():
-        if name == "pydoc" and a.pydoc_pairs != "search":
-            pairs = parse_pairs(a.pydoc_pairs, dec.arch.num_layers)
+        given = a.pydoc_pairs if name == "pydoc" else a.generated_pairs
+        if a.only is not None and name != a.only:
+            continue
+        if given != "search":
+            pairs = parse_pairs(given, dec.arch.num_layers)
         else:
             say(f"{name}: searching depth {a.depth} on {search_cal.numel()} tokens")
             res = auto_pairs(dec, search_cal, target_depth=a.depth, beam=1, candidates=3, progress=say)
