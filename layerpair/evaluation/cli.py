@@ -5,8 +5,8 @@
     layerpair-export eval MODEL --pairs auto --max-ppl-increase 5% [--target-depth N] [--plot frontier.png]
 
 Evaluation reads the first ``--tokens`` tokens of the text; calibration (``--pairs auto``, ``--heal``) reads text
-sampled from the original model itself (``--calib generated``, the default; ``layerpair/evaluation/generated.py``),
-or with ``--calib text`` the last tokens of the same text (or of ``--calib-text``), never overlapping:
+sampled from the original model itself (``--calib generated``; ``layerpair/evaluation/generated.py``), or with
+``--calib text`` (the default) the last tokens of the same text (or of ``--calib-text``), never overlapping:
 ``--calib-tokens`` (default 2048) for the ``--pairs auto`` search,
 ``--heal-tokens`` (default 16384, capped by the text) for ``--heal``.
 """

@@ -42,7 +42,7 @@ def test_eval_auto_heal_writes_json(
     r = json.loads(out.read_text())
     assert r["depth"] == 4 and len(r["pairs"]) == 2
     assert r["auto"]["frontier"][-1]["depth"] == 4 and r["heal"]["pairs"] == r["pairs"]
-    # default calibration: 8 x 64 tokens sampled from the model itself; the search reads 256 of them (4 rows)
+    # --calib generated: 8 x 64 tokens sampled from the model itself; the search reads 256 of them (4 rows)
     assert r["calibration"]["source"] == "generated" and r["calibration"]["tokens"] == 512
     assert r["auto"]["calib_tokens"] == 256 and r["heal"]["calib_tokens"] == 512
     assert r["pytorch"]["text"]["scored_tokens"] == 4 * 63
