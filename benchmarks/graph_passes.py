@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     import onnx_ir as ir
 
     from layerpair.arch import ArchSpec
-    from layerpair.exporter.loading import _load_config, resolve_source
+    from layerpair.exporter.loading import load_config, resolve_source
     from layerpair.exporter.onnx_export import save_model
     from layerpair.graph_passes import merge_pairs
 
     report = json.loads((args.export_dir / "report.json").read_text())
     pairs = [tuple(p) for p in report["pairs"]]
-    arch = ArchSpec.from_hf_config(_load_config(resolve_source(args.model)))
+    arch = ArchSpec.from_hf_config(load_config(resolve_source(args.model)))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
     model, rep = merge_pairs(ir.load(str(args.export_dir / "model.onnx")), arch, pairs)  # type: ignore[arg-type]

@@ -34,8 +34,8 @@ from layerpair.exporter.validate import (
     Graph,
     RecordedRunner,
     TorchRunner,
-    _tokens,
     record_reference,
+    validation_tokens,
 )
 from layerpair.exporter.windowed import validate_windowed
 from layerpair.graph_passes.merge import merge_pairs, merge_report
@@ -299,7 +299,7 @@ def _windowed_stages(
     typed.inv_freq = ref.inv_freq  # .to() casts buffers too; rotary stays fp32 (as typed_decoder does)
     with meter("export"):  # pairs merged in memory, before anything is written: the model is written once
         spec, onnx_info, merge_info = _write_merged(typed, tmp / "model.onnx", opts, ckpt.weights, progress)
-    tokens = _tokens(ckpt.tokenizer, VALIDATION_TEXT, 23, ckpt.arch.vocab_size, 0)
+    tokens = validation_tokens(ckpt.tokenizer, VALIDATION_TEXT, 23, ckpt.arch.vocab_size, 0)
     tol = DTYPE_TOLERANCE.get(opts.dtype, opts.atol)
     budget = int(opts.window_gb * 2**30)
     source = ref.weight_source(ckpt.weights)

@@ -162,3 +162,22 @@ def test_no_function_longer_than_60_lines() -> None:
                 if n.end_lineno - n.lineno + 1 > 60:
                     long.append(f"{f.relative_to(PACKAGE)}:{n.name} ({n.end_lineno - n.lineno + 1} lines)")
     assert long == []
+
+
+def _private_imports(root: Path) -> list[str]:
+    """``from layerpair.X import _name`` anywhere under ``root``: a private name used outside its module."""
+    bad = []
+    for f in sorted(root.rglob("*.py")):
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("layerpair"):
+                bad += [f"{f.name} imports {n.module}.{a.name}" for a in n.names if a.name.startswith("_")]
+    return bad
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    assert _private_imports(PACKAGE) + _private_imports(PACKAGE.parent / "benchmarks") == []
+
+
+def test_the_private_name_check_catches_one(tmp_path: Path) -> None:
+    (tmp_path / "m.py").write_text("def f():\n    from layerpair.exporter.validate import _hidden\n")
+    assert _private_imports(tmp_path) == ["m.py imports layerpair.exporter.validate._hidden"]

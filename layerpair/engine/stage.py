@@ -86,13 +86,13 @@ def gpu_checks(
     """Engine vs ONNX Runtime and vs the fp32 PyTorch model, held to ``gpu.ENGINE_THRESHOLDS``: the report's
     ``engine.gpu``, or ValidationError (exit 3, nothing written) naming every threshold missed."""
     from layerpair.engine.gpu import ENGINE_THRESHOLDS, TrtStepRunner, engine_failures, engine_vs_ort, engine_vs_torch
-    from layerpair.exporter.validate import VALIDATION_TEXT, _tokens
+    from layerpair.exporter.validate import VALIDATION_TEXT, validation_tokens
 
     t = ENGINE_THRESHOLDS[spec.dtype]
     progress("GPU: engine vs ONNX Runtime (per output) and vs the original PyTorch model")
     runner = TrtStepRunner(out_dir / PLAN_FILE, spec, profiles, backend)
     try:
-        prompt = _tokens(tokenizer, VALIDATION_TEXT, 16, spec.arch.vocab_size, 0)
+        prompt = validation_tokens(tokenizer, VALIDATION_TEXT, 16, spec.arch.vocab_size, 0)
         gpu: dict[str, Any] = {
             "ran": True,
             "thresholds": t.to_json(),

@@ -245,9 +245,9 @@ def load_rows(spec: HFSpec) -> Any:
         ) from None
     local = Path(spec.path).exists()
     if not local:
-        from layerpair.exporter.loading import _hub_reachable
+        from layerpair.exporter.loading import hub_reachable
 
-        if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or not _hub_reachable():
+        if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or not hub_reachable():
             # datasets may still have it cached: try that first, offline, before failing.
             was = datasets.config.HF_HUB_OFFLINE
             try:

@@ -103,7 +103,7 @@ class SearchResult:
         }
 
 
-class _Scorer:
+class Scorer:
     """Calibration NLL of pair sets, resuming from cached residual streams."""
 
     def __init__(self, dec: Decoder, windows: Tensor, batch: int) -> None:
@@ -173,7 +173,7 @@ def auto_pairs(
     L = dec.arch.num_layers
     _check_search_args(L, max_ppl_increase, target_depth, beam, candidates)
     say = progress or (lambda msg: None)
-    sc = _Scorer(dec, calib_windows, batch)
+    sc = Scorer(dec, calib_windows, batch)
     base_states = sc.states(())
     base = sc.nll_from_states(base_states)
     limit = math.inf if max_ppl_increase is None else math.log1p(max_ppl_increase)
@@ -227,7 +227,7 @@ def _check_search_args(
 
 
 def _extend_beam(
-    sc: _Scorer, beam_sets: list[tuple[Pairs, list[dict[int, Tensor]]]], ranked: list[tuple[int, int]], candidates: int
+    sc: Scorer, beam_sets: list[tuple[Pairs, list[dict[int, Tensor]]]], ranked: list[tuple[int, int]], candidates: int
 ) -> dict[Pairs, float]:
     """One more pair on every beam set: its ``candidates`` best-ranked (by single-pair damage) disjoint
     extensions, each scored once (mean calibration NLL) from its parent's cached hidden states."""
@@ -248,7 +248,7 @@ def best_contiguous(
     """For n = 1..max_pairs: the contiguous range S:S+2n with the lowest calibration perplexity (the baseline
     ``auto`` must beat). Ratios are against the original model on the same windows."""
     L = dec.arch.num_layers
-    sc = _Scorer(dec, calib_windows, batch)
+    sc = Scorer(dec, calib_windows, batch)
     base_states = sc.states(())
     base = sc.nll_from_states(base_states)
     out = []

@@ -27,7 +27,7 @@ import torch
 from layerpair.evaluation.data import default_text, encoder, windows_from_tokens
 from layerpair.evaluation.heal import heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics
-from layerpair.evaluation.search import _Scorer, auto_pairs
+from layerpair.evaluation.search import Scorer, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
 from layerpair.exporter.model import Decoder
 
@@ -35,7 +35,7 @@ from layerpair.exporter.model import Decoder
 def contiguous_choice(dec: Decoder, cal: torch.Tensor, n: int) -> tuple[tuple[tuple[int, int], ...], float]:
     """Best range S:S+2n on ``cal`` (every start tried)."""
     L = dec.arch.num_layers
-    sc = _Scorer(dec, cal, 4)
+    sc = Scorer(dec, cal, 4)
     st = sc.states(())
     base = sc.nll_from_states(st)
     runs = {tuple((i, i + 1) for i in range(s, s + 2 * n, 2)): s for s in range(0, L - 2 * n + 1)}

@@ -106,7 +106,7 @@ def resolve_source(name: str) -> Source:
     )
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     """DNS + TCP probe of the hub endpoint: an unreachable hub fails in seconds, not after 30 s of retries."""
     from huggingface_hub import constants
 
@@ -130,7 +130,7 @@ def _pretrained_kwargs(src: Source) -> dict[str, Any]:
     return kw
 
 
-def _load_config(src: Source) -> Any:
+def load_config(src: Source) -> Any:
     import transformers
 
     kw = _pretrained_kwargs(src)
@@ -146,7 +146,7 @@ def _load_config(src: Source) -> Any:
             return transformers.AutoConfig.from_pretrained(src.location, local_files_only=True)
         except Exception:  # not in the local cache: try the network below
             pass
-        if os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable():
+        if os.environ.get("HF_HUB_OFFLINE") or not hub_reachable():
             raise ModelLoadError(
                 f"cannot download '{src.location}' from the Hugging Face Hub: no network (or HF_HUB_OFFLINE set) "
                 "and not in the local cache",
@@ -259,7 +259,7 @@ def _load(
 ) -> tuple[Any, WeightReader, Any, ArchSpec]:
     """(transformers model or None, weight reader, tokenizer, arch). A safetensors directory is never built
     into a transformers model: its tensors are read one at a time by ``Checkpoint.decoder``."""
-    cfg = _load_config(src)
+    cfg = load_config(src)
     arch = ArchSpec.from_hf_config(cfg)  # raises UnsupportedModelError before any weight is read
     how = (
         f" (cached fp32 copy of {cached_from})"

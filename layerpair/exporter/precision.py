@@ -53,9 +53,9 @@ from layerpair.exporter.validate import (
     RecordedRunner,
     Runner,
     TorchRunner,
-    _tokens,
     compare_runners,
     record_reference,
+    validation_tokens,
     within_tolerance,
 )
 from layerpair.iospec import IOSpec
@@ -432,7 +432,7 @@ def typed_export(dec32: Decoder, dtype: str, tokenizer: Any, progress: Callable[
     if dtype == "float32":
         return TypedExport(dec32, spec, OverflowReport(dtype, float(torch.finfo(torch.float32).max)))
     typed = typed_decoder(dec32, dtype)
-    calib = np.asarray(_tokens(tokenizer, VALIDATION_TEXT, 16, dec32.arch.vocab_size, 0), np.int64)
+    calib = np.asarray(validation_tokens(tokenizer, VALIDATION_TEXT, 16, dec32.arch.vocab_size, 0), np.int64)
     scan = overflow_scan(dec32, dtype, calib, typed)
     progress(f"overflow scan: {scan.summary()}")
     return TypedExport(typed, spec, scan)
@@ -440,7 +440,7 @@ def typed_export(dec32: Decoder, dtype: str, tokenizer: Any, progress: Callable[
 
 def reference_cache_max(dec32: Decoder, tokenizer: Any) -> float:
     """Largest |K|,|V| of the fp32 reference on the validation prompt: the scale of the cache tolerance."""
-    ids = torch.tensor([_tokens(tokenizer, VALIDATION_TEXT, 16, dec32.arch.vocab_size, 0)])
+    ids = torch.tensor([validation_tokens(tokenizer, VALIDATION_TEXT, 16, dec32.arch.vocab_size, 0)])
     with torch.no_grad():
         out = dec32(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], *dec32.empty_past(1))
     return max(float(t.abs().max()) for t in out[1:])

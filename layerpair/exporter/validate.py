@@ -242,7 +242,7 @@ def empty_past(spec: IOSpec, batch: int, dtype: Any = None) -> list[np.ndarray]:
     return [np.zeros((batch, s.num_kv_heads, 0, d), dtype) for s in spec.slots for _ in (0, 1)]
 
 
-def _tokens(tokenizer: Any, text: str, n_min: int, vocab: int, seed: int) -> list[int]:
+def validation_tokens(tokenizer: Any, text: str, n_min: int, vocab: int, seed: int) -> list[int]:
     if tokenizer is not None:
         ids = list(tokenizer(text)["input_ids"])
         if len(ids) >= n_min:
@@ -301,14 +301,14 @@ def compare_runners(
     run = _Pair(ours, ours_spec, ref, ref_spec)
 
     # prefill + decode, batch 1, then a prompt chunk on top of that cache
-    ids = np.array([_tokens(tokenizer, VALIDATION_TEXT, 16, vocab, 0)], dtype=np.int64)
+    ids = np.array([validation_tokens(tokenizer, VALIDATION_TEXT, 16, vocab, 0)], dtype=np.int64)
     S = ids.shape[1]
     run.reset(1)
     run.step(res["prefill"], "prefill", ids, np.ones_like(ids), np.arange(S, dtype=np.int64)[None])
     for step in range(decode_steps):
         p = np.array([[S + step]], np.int64)
         run.step(res["decode"], f"decode step {step + 1}", run.greedy(), np.ones((1, S + step + 1), np.int64), p)
-    chunk = np.array([_tokens(tokenizer, SHORT_TEXT, CHUNK, vocab, 3)[:CHUNK]], np.int64)
+    chunk = np.array([validation_tokens(tokenizer, SHORT_TEXT, CHUNK, vocab, 3)[:CHUNK]], np.int64)
     T = S + decode_steps
     pos = np.arange(T, T + CHUNK, dtype=np.int64)[None]
     run.step(res["chunked"], f"chunk of {CHUNK} after {T} cached", chunk, np.ones((1, T + CHUNK), np.int64), pos)
@@ -318,8 +318,8 @@ def compare_runners(
     run.step(res["chunked"], "chunk after 1 masked cache slot", chunk, mask, np.arange(CHUNK, dtype=np.int64)[None])
 
     # padded batch of 2, left padding, then 2 decode steps
-    a = _tokens(tokenizer, VALIDATION_TEXT, 16, vocab, 1)
-    b = _tokens(tokenizer, SHORT_TEXT, 8, vocab, 2)
+    a = validation_tokens(tokenizer, VALIDATION_TEXT, 16, vocab, 1)
+    b = validation_tokens(tokenizer, SHORT_TEXT, 8, vocab, 2)
     b = b[: max(len(a) - 5, 1)] if len(b) >= len(a) else b
     S = len(a)
     ids = np.zeros((2, S), np.int64)

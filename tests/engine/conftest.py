@@ -56,10 +56,10 @@ def rtx_backend():  # type: ignore[no-untyped-def]
 
 def spec_of_export(export_dir: Path) -> IOSpec:
     """The I/O spec of an export directory's model.onnx (merged or not, whatever dtype), read without weights."""
-    from layerpair.exporter.loading import _load_config, resolve_source
+    from layerpair.exporter.loading import load_config, resolve_source
 
     report = json.loads((export_dir / "report.json").read_text())
-    arch = ArchSpec.from_hf_config(_load_config(resolve_source(report["model"])))
+    arch = ArchSpec.from_hf_config(load_config(resolve_source(report["model"])))
     names = [i.name for i in onnx.load(str(export_dir / "model.onnx"), load_external_data=False).graph.input]
     pairs = [tuple(p) for p in report["pairs"]]
     for merged in (True, False):

@@ -73,7 +73,7 @@ def test_mc_unknown_layout_and_bad_answer(tmp_path: Path) -> None:
 def test_hub_dataset_without_network_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from layerpair.exporter import loading
 
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout_s=3.0: False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
     with pytest.raises(InputError, match="cannot download dataset 'no-such-org/no-such-set'"):
         text_from_arg("hf:no-such-org/no-such-set:test")

@@ -107,7 +107,7 @@ def test_unwritable_output(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 def test_hub_id_without_network(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout_s=3.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     _fails(capsys, ["someorg/some-model", "-o", str(tmp_path / "out")], 2, "someorg/some-model", "Hugging Face Hub")
     assert not (tmp_path / "out").exists()
