@@ -20,8 +20,10 @@ from layerpair.cli import main
 from layerpair.deploy import bench
 from layerpair.deploy.check import checks_from_reports
 
-FAST = ["--prompt", "8", "--decode", "4", "--rounds", "2", "--threads", "1"]
-GATE = 2.0  # loose: two runs of one tiny model differ by far less, the slowed one is > 10x slower
+FAST = ["--prompt", "8", "--decode", "4", "--rounds", "3", "--threads", "1"]
+# Loose: two runs of one tiny model differ by far less on a quiet machine, but a 2-core CI box running two test
+# workers once measured > 2x between them; the slowed model is > 10x slower.
+GATE = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_bench_writes_a_section_check_gates(tiny_export: Path, tiny_baseline: Pa
     assert b["machine"]["logical_cores"] and b["threads"]["ort_intra_op"] == 1 and "onnxruntime" in b["versions"]
     row = b["results"][0]
     assert row["limit"] == pytest.approx(4 / 3)  # 4 layers, 1 pair, baseline without pairs
-    assert row["export"]["n"] == 2 and len(row["export"]["samples"]) == 2  # warm-up round discarded
+    assert row["export"]["n"] == 3 and len(row["export"]["samples"]) == 3  # warm-up round discarded
     results = checks_from_reports(report, {}, max_latency_ratio=100.0)
     lat_rows = [r for r in results if r.name.startswith("latency")]
     assert len(lat_rows) == 4 and all(r.status == "PASS" and "same run" in r.detail for r in lat_rows)
@@ -164,7 +166,7 @@ def test_ctrl_c_leaves_the_report_unchanged(
     monkeypatch.setattr(bench, "time_decode", interrupted)
     assert main(["bench", str(out), *FAST]) == 130
     assert (out / "report.json").read_bytes() == before
-    assert "round 2/3" in capsys.readouterr().err  # a progress line per round before the interrupt
+    assert "round 2/4" in capsys.readouterr().err  # a progress line per round before the interrupt
 
 
 def test_torch_runtime_and_plot(tiny_export: Path, tmp_path: Path) -> None:
