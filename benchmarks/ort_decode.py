@@ -18,6 +18,7 @@ average at start and end (the figures are only comparable within one run).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -44,10 +45,13 @@ class SessionDecoder:
         self.outputs = ["logits", *(n.replace("past_key_values.", "present.", 1) for n in self.pasts)]
         self.nodes = _node_count(path)
 
+        self.head_size = _genai_head_size(path.parent)
+
     def empty_past(self) -> dict[str, np.ndarray]:
         out = {}
         for n in self.pasts:
             _, heads, _, dim = self.inputs[n].shape  # [batch, heads, past, head_dim]
+            dim = dim if isinstance(dim, int) else self.head_size  # the genai builder names it "kv_cache_dim"
             out[n] = np.zeros((1, int(heads), 0, int(dim)), np.float32)
         return out
 
@@ -69,6 +73,13 @@ class SessionDecoder:
             total += 1
             logits, past = self.step(tok, total, past)
         return 1000 * (time.perf_counter() - t0) / steps
+
+
+def _genai_head_size(d: Path) -> int | None:
+    """``head_size`` from the genai builder's ``genai_config.json`` (its graph leaves the cache's last dim
+    symbolic); None for our exports."""
+    cfg = d / "genai_config.json"
+    return int(json.loads(cfg.read_text())["model"]["decoder"]["head_size"]) if cfg.is_file() else None
 
 
 def _node_count(path: Path) -> int:
@@ -129,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"'{m}' is not NAME=DIR with DIR/model.onnx")
         models[name] = Path(d)
     doc = run(models, args.threads, args.prompt, args.steps, args.rounds, args.warmup)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, doc)
     print(markdown(doc))
     print(f"load average at start {doc['load_average_start']}, at end {doc['load_average_end']}; wrote {args.out}")

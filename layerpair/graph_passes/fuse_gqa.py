@@ -24,7 +24,7 @@ from layerpair.graph_passes.base import (
 )
 from layerpair.graph_passes.merge_attention import check_attention, scores_matmul
 from layerpair.graph_passes.patterns import match_rotary
-from layerpair.iospec import CacheSlot, IOSpec
+from layerpair.iospec import BATCH, SEQ, CacheSlot, IOSpec
 
 MS_DOMAIN = "com.microsoft"
 #: GroupQueryAttention's CPU kernel refuses other head sizes ("head_size shall be a multiple of 16").
@@ -44,6 +44,7 @@ class _Fusable:
     k_needs_flat: bool
     num_heads: int
     kv_heads: int
+    head_dim: int
     positions: ir.Value  # position ids [B,S] int64, the rotary's source
     inv_freq: ir.Value  # [D/2] fp32 constant
     keep_B1ST: ir.Value  # bool mask: causal, padding, sliding window
@@ -136,7 +137,7 @@ def check_slot(past_k: ir.Value, past_v: ir.Value, present_k: ir.Value, present_
     if fill is None or scale is None or fill > ABSORBING_FILL:
         return f"the mask fill {fill} is not absorbing in fp32 (an additive bias would not reproduce it)"
     return _Fusable(
-        q_src[0], k_src[0], att.v_lin, q_src[1], k_src[1], kvh * g, kvh, rope[0], rope[1], keep, fill, scale,
+        q_src[0], k_src[0], att.v_lin, q_src[1], k_src[1], kvh * g, kvh, D, rope[0], rope[1], keep, fill, scale,
         past_k, past_v, present_k, present_v, att.ctx,
     )  # fmt: skip
 
@@ -222,6 +223,10 @@ class FuseGroupQueryAttentionPass(RewritePass[_Candidate]):
         gqa_inputs = [q_rot[0], k_rot[0], f.v_BSE, f.past_k, f.past_v, seqlens_k, total, None, None, None, bias]
         attrs = dict(num_heads=f.num_heads, kv_num_heads=f.kv_heads, scale=f.scale, causal=0, do_rotary=0)
         ctx, present_k, present_v = self._ms(f"{p}/gqa", "GroupQueryAttention", gqa_inputs, 3, **attrs)
+        D = f.head_dim
+        for v, n in ((q_rot[0], f.num_heads), (k_rot[0], f.kv_heads), (ctx, f.num_heads)):
+            # ONNX shape inference does not know contrib ops: [batch, sequence] are input_ids' (token-wise graph)
+            v.type, v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([BATCH, SEQ, n * D])
         g.extend(self._nodes)
         f.ctx.replace_all_uses_with(ctx)
         replace_value(g, f.present_k, present_k)

@@ -49,10 +49,13 @@ def test_fires_on_every_layer_and_pair_and_matches_unfused(
     unfused, fused, spec, report = _ort(ex, merged)
     pairs = 1 if merged else 0
     assert report["attention_fused"] == {"layers": 4 - 2 * pairs, "pairs": pairs, "slots": 4 - pairs}
+    assert report["packed_matmuls"] == 2 * (4 - 2 * pairs)  # q/k/v and gate/up of each single layer
     ops = Counter((n.domain, n.op_type) for n in fused.graph)
     assert ops[("com.microsoft", "GroupQueryAttention")] == len(spec.slots)
     assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * len(spec.slots)
     assert ops[("", "Softmax")] == 0 and report["nodes_after"] < report["nodes_before"]
+    # both residual Adds of each single layer go into its norms (shapes re-inferred through the contrib ops)
+    assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] >= 2 * (4 - 2 * pairs)
     assert [v.name for v in fused.graph.inputs] == spec.input_names
     assert [v.name for v in fused.graph.outputs] == spec.output_names
     path = tmp_path / "fused.onnx"
@@ -114,3 +117,31 @@ def test_target_ort_with_trt_is_an_input_error(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: --target ort") and msg in lines[0], r.stderr
         assert "torch: False" in r.stdout
         assert not out.exists()
+
+
+@pytest.mark.parametrize("pairs", [["--pairs", "1-2"], ["--pairs", "none"], ["--pairs", "1-2", "--no-merge"]])
+def test_cli_target_ort_exports_a_validated_fused_graph(
+    pairs: list[str], tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """The whole job with --target ort: every slot fused, the written file validated against PyTorch, the report
+    says how many layers and pairs were fused and which bound held."""
+    import json
+
+    import onnx
+
+    from layerpair.cli import main
+    from layerpair.graph_passes.ort_target import ORT_TARGET_ATOL
+
+    out = tmp_path / "out"
+    assert main([str(tiny_checkpoints["llama"]), *pairs, "--target", "ort", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    merged = "--no-merge" not in pairs and "1-2" in pairs
+    assert report["target"] == "ort" and report.get("merged", False) is merged
+    assert report["ort_target"]["attention_fused"] == {"layers": 2 if merged else 4, "pairs": int(merged),
+                                                       "slots": 3 if merged else 4}  # fmt: skip
+    assert report["tolerance"] == {"logits_max_abs": ORT_TARGET_ATOL, "present_max_abs": ORT_TARGET_ATOL}
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert [v.name for v in graph.input] == [t["name"] for t in report["io"]["inputs"]]
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == (3 if merged else 4)
+    for case in ("prefill", "decode", "chunked", "padded"):
+        assert report["agreement"][case]["max_abs"] <= 1e-5  # tiny model: 1e-7-level
