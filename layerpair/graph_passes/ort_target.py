@@ -8,10 +8,11 @@ in order:
    nothing: a slot it leaves alone fails the export (``GraphPassError``) with the pass's reason.
 2. ``MergeSiblingMatMulsPass`` over the whole graph (no scope): each layer's q/k/v projections become one packed
    QKV MatMul and its gate/up projections one MatMul (a merged pair's already are), as the genai builder packs QKV.
-3. ``OrtFusionPass``: onnxscript's ``optimize_for_ort`` on what is left — RMSNorm into
+3. ``ScaleUnitNormsPass``: a merged pair's unit-scale norms get an all-ones scale, so that step 4 matches them.
+4. ``OrtFusionPass``: onnxscript's ``optimize_for_ort`` on what is left — RMSNorm into
    ``SimplifiedLayerNormalization``, residual + RMSNorm into ``SkipSimplifiedLayerNormalization`` (its own attention
    fusions find nothing: the attention is fused already).
-4. ``CleanupPass`` (dead nodes, constants, order, shape inference).
+5. ``CleanupPass`` (dead nodes, constants, order, shape inference).
 
 The I/O is unchanged (the one I/O spec): GQA's extra inputs are computed inside the graph from ``attention_mask``
 (through the exporter's keep mask) and ``position_ids``.
@@ -30,6 +31,7 @@ from layerpair.graph_passes.base import FIRED, CountingPass, GraphPassError
 from layerpair.graph_passes.cleanup import CleanupPass
 from layerpair.graph_passes.fuse_gqa import FuseGroupQueryAttentionPass
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
+from layerpair.graph_passes.scale_unit_norms import ScaleUnitNormsPass
 from layerpair.iospec import IOSpec
 
 #: fp32 bound (logits and caches, max abs) a ``--target ort`` export is validated to against PyTorch, instead of
@@ -86,6 +88,8 @@ def to_ort(model: ir.Model, spec: IOSpec) -> tuple[ir.Model, dict[str, Any]]:
         )
     packed = MergeSiblingMatMulsPass()  # after the attention fusion: GQA reads the q/k/v pieces of the split
     packed(model)
+    ones = ScaleUnitNormsPass()
+    ones(model)
     _reinfer_shapes(model)  # onnxscript's norm fusions check [B,S,D] shapes
     fusions = OrtFusionPass()
     fusions(model)
@@ -98,6 +102,7 @@ def to_ort(model: ir.Model, spec: IOSpec) -> tuple[ir.Model, dict[str, Any]]:
         "target": "ort",
         "attention_fused": {"layers": len(spec.slots) - pairs, "pairs": pairs, "slots": gqa.fired},
         "packed_matmuls": packed.fired,
+        "scaled_unit_norms": ones.fired,
         "ort_fusions": fusions.fusions,
         "nodes_before": nodes_before,
         "nodes_after": len(g),
