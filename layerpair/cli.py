@@ -185,7 +185,8 @@ def summary(report: dict, output: Path) -> str:
         f = ort["attention_fused"]
         lines.append(
             f"  --target ort: GroupQueryAttention on {f['layers']} layers + {f['pairs']} merged pairs, "
-            f"nodes {ort['nodes_before']} -> {ort['nodes_after']} (ONNX Runtime only)"
+            f"nodes {ort['nodes_before']} -> {ort['nodes_after']}; validated to max abs "
+            f"{report['tolerance']['logits_max_abs']:g} (fused kernels; ONNX Runtime only)"
         )
     if report.get("merged"):
         lines.append(
