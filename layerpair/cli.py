@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from layerpair.engine.options import (
+    TARGETS,
     add_engine_args,
+    check_target,
     engine_options_from_args,
     engine_summary_lines,
     preflight_from_argv,
@@ -70,6 +72,13 @@ def export_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep each pair as two parallel branches (default: merge each pair into one wide layer)",
     )
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="portable",
+        help="portable: standard ONNX ops (ONNX Runtime, TensorRT; the default); ort: ONNX Runtime's fused contrib "
+        "ops (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization), ONNX Runtime only, fp32",
+    )
     add_engine_args(p)  # --dtype, --trt, --trt-backend, --max-batch/--max-seq/--max-context
     from layerpair.evaluation.cli import add_selection_args
 
@@ -121,6 +130,7 @@ def run_export_cli(argv: Sequence[str]) -> int:
 
     args = export_parser().parse_args(argv)
     dtype, engine = engine_options_from_args(args)
+    check_target(args.target, args.trt, args.dtype)
     if not args.window_gb > 0:
         raise InputError(f"--window-gb must be positive, got {args.window_gb}", "pass e.g. --window-gb 1")
     if not (args.atol > 0 and args.atol != float("inf")):  # inf (or NaN) would turn validation off
@@ -151,6 +161,7 @@ def run_export_cli(argv: Sequence[str]) -> int:
         decoder_for=decoder_for,
         validation=args.validation,
         window_gb=args.window_gb,
+        target=args.target,
     )
     report = run_export(opts, lambda n: parse_pairs(args.pairs, n))
     print(summary(report, output))
@@ -169,6 +180,14 @@ def summary(report: dict, output: Path) -> str:
         f"  onnx: opset {report['onnx']['opset']}, {report['onnx']['nodes']} nodes, "
         f"{report['onnx']['bytes'] / 1e6:.1f} MB",
     ]
+    ort = report.get("ort_target")
+    if ort:
+        f = ort["attention_fused"]
+        lines.append(
+            f"  --target ort: GroupQueryAttention on {f['layers']} layers + {f['pairs']} merged pairs, "
+            f"nodes {ort['nodes_before']} -> {ort['nodes_after']}; validated to max abs "
+            f"{report['tolerance']['logits_max_abs']:g} (fused kernels; ONNX Runtime only)"
+        )
     if report.get("merged"):
         lines.append(
             f"  merged pairs: nodes {report['nodes_before']} -> {report['nodes_after']}, "

@@ -70,6 +70,7 @@ class ExportOptions:
     decoder_for: Any = None
     validation: str = "auto"  # "whole" | "windowed" | "auto" (whole when it fits in memory)
     window_gb: float = 1.0  # windowed validation: fp32 weight bytes per window (at least one block)
+    target: str = "portable"  # "ort": ONNX Runtime's fused contrib ops (graph_passes/ort_target.py)
 
 
 def versions() -> dict[str, str]:
@@ -127,12 +128,16 @@ class _Validator:
     opts: ExportOptions
     say: Progress
 
-    def __call__(self, graph: Graph, spec: IOSpec, what: str, fix: str) -> dict[str, Agreement]:
+    def __call__(
+        self, graph: Graph, spec: IOSpec, what: str, fix: str, atol: float | None = None
+    ) -> dict[str, Agreement]:
+        """``atol``: the fp32 bound, ``--atol`` unless given (the shipped ``--target ort`` graph: ``target_atol``)."""
         from layerpair.exporter.precision import tolerance_failures
 
         agreement = self.typed.agreement(graph, spec, self.reference, self.ref_spec, self.tokenizer, self.say)
         self.say(format_agreement(agreement))
-        bad = tolerance_failures(agreement, self.opts.dtype, self.opts.atol, self.reference.cache_max())
+        bound = self.opts.atol if atol is None else atol
+        bad = tolerance_failures(agreement, self.opts.dtype, bound, self.reference.cache_max())
         if bad:
             raise ValidationError(f"{what} disagrees with PyTorch: " + "; ".join(bad), fix)
         return agreement
@@ -204,7 +209,8 @@ def _whole_stages(
         spec, onnx_info, merge_info, typed_check = _merge_stages(exported, ckpt, spec, validate, tmp, meter)
     else:
         with meter("export"):
-            onnx_info = write_onnx(build_model(exported, opts.opset), tmp / "model.onnx", opts, pairs, progress)
+            model = for_target(build_model(exported, opts.opset), spec, opts, merge_info, progress)
+            onnx_info = write_onnx(model, tmp / "model.onnx", opts, pairs, progress)
     del exported  # the session below maps the written weights: never next to a PyTorch copy (unless ``kept``)
     typed.decoder = None if kept is None else typed.decoder
     return_freed_memory()
@@ -212,7 +218,7 @@ def _whole_stages(
     with meter("validate_merged" if merged else "validate"):
         progress(f"validating the written {'merged ' if merged else ''}ONNX against PyTorch")
         what, fix = ("merged ONNX", MERGED_FIX) if merged else ("ONNX Runtime", EXPORT_FIX)
-        agreement = validate(tmp / "model.onnx", spec, what, fix)
+        agreement = validate(tmp / "model.onnx", spec, what, fix, target_atol(opts))
         if typed_check is not None:  # 16-bit: a second session on the file, after the first one is gone
             return_freed_memory()
             merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
@@ -260,6 +266,7 @@ def _merge_stages(
     with meter("merge"):
         graph = build_model(dec, opts.opset)
         merged, merged_spec, merge_info = merge_in_memory(graph, ckpt.arch, pairs, spec.dtype, say)
+        merged = for_target(merged, merged_spec, opts, merge_info, say)
     unmerged = build_model(dec, opts.opset)
 
     def write() -> dict[str, Any]:
@@ -290,6 +297,11 @@ def _windowed_stages(
     (exporter/windowed.py) against PyTorch blocks read for that window only."""
     from layerpair.exporter.precision import DTYPE_TOLERANCE, TORCH_DTYPES
 
+    if opts.target == "ort":
+        raise InputError(
+            "--target ort is validated on the whole graph only, and this model needs windowed validation",
+            "export the portable graph (drop --target ort), or free memory for --validation whole",
+        )
     if opts.decoder_for is not None or ckpt.weights is None:
         raise InputError("--validation windowed needs a checkpoint read tensor by tensor, without --pairs auto/--heal",
                          "use a safetensors checkpoint directory and explicit --pairs")  # fmt: skip
@@ -334,6 +346,32 @@ def _write_merged(
     return spec, write_onnx(model, path, opts, dec.pairs, progress), merge_info
 
 
+def target_atol(opts: ExportOptions) -> float:
+    """The fp32 bound the shipped graph is held to: ``--atol``, or for ``--target ort`` at least
+    ``ORT_TARGET_ATOL`` (its fused kernels sum in another order; see graph_passes/ort_target.py)."""
+    if opts.target != "ort":
+        return opts.atol
+    from layerpair.graph_passes.ort_target import ORT_TARGET_ATOL
+
+    return max(opts.atol, ORT_TARGET_ATOL)
+
+
+def for_target(model: ir.Model, spec: IOSpec, opts: ExportOptions, info: dict[str, Any], say: Progress) -> ir.Model:
+    """``--target ort``: ``model`` rewritten with ONNX Runtime's fused ops (report section ``ort_target`` added to
+    ``info``); the portable target returns it as it is."""
+    if opts.target != "ort":
+        return model
+    from layerpair.graph_passes.ort_target import to_ort
+
+    say("--target ort: fusing attention (GroupQueryAttention), rotary and norms into ONNX Runtime contrib ops")
+    model, rep = to_ort(model, spec)
+    fused = rep["attention_fused"]
+    say(f"fused {fused['layers']} layers and {fused['pairs']} merged pairs; nodes {rep['nodes_before']} -> "
+        f"{rep['nodes_after']}")  # fmt: skip
+    info["ort_target"] = rep
+    return model
+
+
 def merge_in_memory(
     model: ir.Model, arch: Any, pairs: Pairs, dtype: str, progress: Progress
 ) -> tuple[ir.Model, IOSpec, dict[str, Any]]:
@@ -372,9 +410,10 @@ def _report(
         "depth": arch.num_layers - len(pairs),
         "parameters": arch.num_parameters(),
         "dtype": opts.dtype,
+        "target": opts.target,
         "onnx": onnx_info,
         "io": spec.to_json(),
-        "tolerance": tolerance_json(opts.dtype, opts.atol),
+        "tolerance": tolerance_json(opts.dtype, target_atol(opts)),
         "agreement": {k: a.to_json() for k, a in agreement.items()},
         "versions": versions(),
         **merge_info,

@@ -11,8 +11,12 @@ from typing import Any
 from layerpair.engine.backend import BACKEND_CHOICES, resolve_backend
 from layerpair.engine.profile import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_SEQ, EngineLimits
 from layerpair.engine.stage import EngineOptions
+from layerpair.errors import InputError
 
 DTYPE_FLAGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: ``--target``: ``portable`` (standard ONNX ops; TensorRT parses it) or ``ort`` (ONNX Runtime's fused contrib ops,
+#: layerpair/graph_passes/ort_target.py).
+TARGETS = ("portable", "ort")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -44,13 +48,33 @@ def preflight_from_argv(argv: Sequence[str]) -> None:
     pre.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
     pre.add_argument("--max-seq", type=int, default=DEFAULT_MAX_SEQ)
     pre.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
+    pre.add_argument("--target", default="portable")
+    pre.add_argument("--dtype", default="fp32")
     try:
         args, _ = pre.parse_known_args(list(argv))
     except SystemExit:  # malformed value: the real parser reports it properly
         return
+    check_target(args.target, args.trt, args.dtype)
     if args.trt:
         resolve_backend(args.trt_backend)
         EngineLimits(args.max_batch, args.max_seq, args.max_context).check()
+
+
+def check_target(target: str, trt: bool, dtype: str) -> None:
+    """``--target ort`` is an ONNX Runtime graph (contrib ops TensorRT cannot parse), fp32 only for now."""
+    if target != "ort":
+        return
+    if trt:
+        raise InputError(
+            "--target ort cannot be combined with --trt: its contrib ops (GroupQueryAttention, ...) run on ONNX "
+            "Runtime only",
+            "drop --target ort for a TensorRT engine (the default portable graph), or drop --trt",
+        )
+    if dtype != "fp32":
+        raise InputError(
+            f"--target ort supports --dtype fp32 only, got --dtype {dtype}",
+            "drop --dtype, or export the portable graph (drop --target ort)",
+        )
 
 
 def engine_options_from_args(args: argparse.Namespace) -> tuple[str, EngineOptions | None]:

@@ -1,0 +1,151 @@
+"""Decode speed of ONNX decoders on ONNX Runtime CPU, side by side (issue 16): ours (portable and ``--target ort``,
+original and LP-merged) against onnxruntime-genai's builder output, in one run, interleaved.
+
+    python -m benchmarks.ort_decode NAME=DIR [NAME=DIR ...] [--threads 2] [--prompt 128] [--steps 32]
+        [--rounds 7] [--warmup 1] [--out benchmarks/results/ort_decode/ort_decode.json]
+
+``DIR`` is an export directory holding ``model.onnx`` (ours, or the genai builder's ``-o`` directory). Every model
+runs through the same loop, whatever its I/O: the session's own inputs decide the feeds (``input_ids``,
+``attention_mask``, ``position_ids`` when the graph has it, ``past_key_values.*`` fed from the matching
+``present.*``). One round of one model: a fresh batch-1 prompt of ``--prompt`` random tokens (seeded, the same for
+every model), prefilled (untimed), then ``--steps`` greedy decode steps, each fed its argmax; the round's figure is
+its decode wall time / steps (ms per token: the forward, the feeds and the argmax). Rounds rotate the start model
+(``benchmarks.common.interleaved``) so load drift hits every model alike; the first ``--warmup`` rounds are dropped.
+The JSON has per model the median and quartiles of its rounds, its node count, the machine's facts and the load
+average at start and end (the figures are only comparable within one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import Variant, interleaved, machine, now_utc, summary, write_json
+
+DEFAULT_OUT = Path("benchmarks/results/ort_decode/ort_decode.json")
+SCHEMA = "layerpair-bench/ort-decode/1"
+
+
+class SessionDecoder:
+    """One ONNX decoder session behind a generic batch-1 greedy loop (I/O read from the session)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from layerpair.decode import session
+
+        self.session = session(path, threads)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.pasts = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.outputs = ["logits", *(n.replace("past_key_values.", "present.", 1) for n in self.pasts)]
+        self.nodes = _node_count(path)
+
+        self.head_size = _genai_head_size(path.parent)
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        out = {}
+        for n in self.pasts:
+            _, heads, _, dim = self.inputs[n].shape  # [batch, heads, past, head_dim]
+            dim = dim if isinstance(dim, int) else self.head_size  # the genai builder names it "kv_cache_dim"
+            out[n] = np.zeros((1, int(heads), 0, int(dim)), np.float32)
+        return out
+
+    def step(self, ids: np.ndarray, total: int, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+        S = ids.shape[1]
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **past}
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(total - S, total, dtype=np.int64)[None]
+        out = self.session.run(self.outputs, feeds)
+        return out[0], dict(zip(self.pasts, out[1:], strict=True))
+
+    def decode_ms_per_token(self, prompt: np.ndarray, steps: int) -> float:
+        """Prefill ``prompt`` (untimed), then ``steps`` greedy tokens; wall ms per decode token."""
+        logits, past = self.step(prompt, prompt.shape[1], self.empty_past())
+        total = prompt.shape[1]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+            total += 1
+            logits, past = self.step(tok, total, past)
+        return 1000 * (time.perf_counter() - t0) / steps
+
+
+def _genai_head_size(d: Path) -> int | None:
+    """``head_size`` from the genai builder's ``genai_config.json`` (its graph leaves the cache's last dim
+    symbolic); None for our exports."""
+    cfg = d / "genai_config.json"
+    return int(json.loads(cfg.read_text())["model"]["decoder"]["head_size"]) if cfg.is_file() else None
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def run(models: dict[str, Path], threads: int, prompt_len: int, steps: int, rounds: int, warmup: int) -> dict[str, Any]:
+    """Time every model in interleaved rounds; the JSON document."""
+    load_start = list(os.getloadavg())
+    decoders = {name: SessionDecoder(d / "model.onnx", threads) for name, d in models.items()}
+    vocab = min(int(d.session.get_outputs()[0].shape[-1]) for d in decoders.values())
+    prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_len)).astype(np.int64)
+    variants = [Variant(name, lambda d=d: d.decode_ms_per_token(prompt, steps)) for name, d in decoders.items()]
+    samples = interleaved(variants, rounds, warmup)
+    rows = {
+        name: {"dir": str(models[name]), "nodes": decoders[name].nodes, "ms_per_token": summary(samples[name])}
+        for name in models
+    }
+    return {
+        "schema": SCHEMA,
+        "date": now_utc(),
+        "settings": {"threads": threads, "batch": 1, "prompt": prompt_len, "steps": steps, "rounds": rounds},
+        "machine": machine(),
+        "load_average_start": load_start,
+        "load_average_end": list(os.getloadavg()),
+        "models": rows,
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = ["| graph | nodes | ms per decode token (median) | q25–q75 |", "|---|---:|---:|---:|"]
+    for name, r in doc["models"].items():
+        ms = r["ms_per_token"]
+        lines.append(f"| {name} | {r['nodes']} | {ms['median']:.1f} | {ms['q25']:.1f}–{ms['q75']:.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("models", nargs="+", help="NAME=DIR: a directory with model.onnx")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    models = {}
+    for m in args.models:
+        name, _, d = m.partition("=")
+        if not d or not (Path(d) / "model.onnx").is_file():
+            raise SystemExit(f"'{m}' is not NAME=DIR with DIR/model.onnx")
+        models[name] = Path(d)
+    doc = run(models, args.threads, args.prompt, args.steps, args.rounds, args.warmup)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, doc)
+    print(markdown(doc))
+    print(f"load average at start {doc['load_average_start']}, at end {doc['load_average_end']}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""benchmarks.ort_decode on tiny exports (portable and --target ort): the JSON it writes, no timing assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+
+from benchmarks.ort_decode import SCHEMA, main
+from layerpair.arch import ArchSpec
+from layerpair.exporter.model import Decoder
+from layerpair.exporter.onnx_export import build_model, save_model
+from layerpair.graph_passes.ort_target import to_ort
+from tests.conftest import tiny_model
+
+
+def test_times_portable_and_ort_exports_side_by_side(tmp_path: Path) -> None:
+    hf = tiny_model("llama")
+    dec = Decoder.from_hf(hf, ArchSpec.from_hf_config(hf.config))
+    model: ir.Model = build_model(dec)
+    save_model(model, tmp_path / "portable" / "model.onnx", external_data=True)
+    fused, _ = to_ort(build_model(dec), dec.io)
+    save_model(fused, tmp_path / "ort" / "model.onnx", external_data=True)
+    out = tmp_path / "res" / "ort_decode.json"
+    argv = [f"portable={tmp_path / 'portable'}", f"ort={tmp_path / 'ort'}", "--prompt", "8", "--steps", "3"]
+    assert main([*argv, "--rounds", "2", "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == SCHEMA and set(doc["models"]) == {"portable", "ort"}
+    assert doc["settings"] == {"threads": 1, "batch": 1, "prompt": 8, "steps": 3, "rounds": 2}
+    for row in doc["models"].values():
+        assert row["ms_per_token"]["n"] == 2 and row["ms_per_token"]["median"] > 0
+    assert doc["models"]["ort"]["nodes"] < doc["models"]["portable"]["nodes"]
+    assert len(doc["load_average_start"]) == 3
