@@ -79,6 +79,15 @@ def export_parser() -> argparse.ArgumentParser:
         help="portable: standard ONNX ops (ONNX Runtime, TensorRT; the default); ort: ONNX Runtime's fused contrib "
         "ops (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization), ONNX Runtime only, fp32",
     )
+    q = p.add_argument_group("weight-only quantization (--target ort)")
+    q.add_argument("--quant", choices=("int4", "int8"), default=None, help="MatMul weights -> MatMulNBits")
+    q.add_argument("--quant-block", type=int, default=32, help="weights per scale along K: 16..256 (default 32)")
+    q.add_argument(
+        "--quant-accuracy",
+        type=int,
+        default=4,
+        help="MatMulNBits accuracy level: 4 = int8 activations, fast on CPU (default); 0/1 = float32",
+    )
     add_engine_args(p)  # --dtype, --trt, --trt-backend, --max-batch/--max-seq/--max-context
     from layerpair.evaluation.cli import add_selection_args
 
@@ -131,6 +140,9 @@ def run_export_cli(argv: Sequence[str]) -> int:
     args = export_parser().parse_args(argv)
     dtype, engine = engine_options_from_args(args)
     check_target(args.target, args.trt, args.dtype)
+    from layerpair.graph_passes.quantize import check_quant
+
+    check_quant(args.quant, args.quant_block, args.quant_accuracy, args.target)
     if not args.window_gb > 0:
         raise InputError(f"--window-gb must be positive, got {args.window_gb}", "pass e.g. --window-gb 1")
     if not (args.atol > 0 and args.atol != float("inf")):  # inf (or NaN) would turn validation off
@@ -162,6 +174,9 @@ def run_export_cli(argv: Sequence[str]) -> int:
         validation=args.validation,
         window_gb=args.window_gb,
         target=args.target,
+        quant=args.quant,
+        quant_block=args.quant_block,
+        quant_accuracy=args.quant_accuracy,
     )
     report = run_export(opts, lambda n: parse_pairs(args.pairs, n))
     print(summary(report, output))
@@ -170,6 +185,33 @@ def run_export_cli(argv: Sequence[str]) -> int:
 
         return triton_cli([str(output), str(args.triton), *(["--force"] if args.force else [])])
     return 0
+
+
+def _quant_lines(report: dict) -> list[str]:
+    """``--quant``: what was quantized, how it was validated, and that the ORT-vs-PyTorch lines below are the
+    float32 graph's (the quantized one is held to its own dequantized weights, not to PyTorch)."""
+    rq = report.get("quant")
+    if not rq:
+        return []
+    val, tol = rq["validation"], rq["tolerance"]
+    exact = max(c["max_abs"] for c in val["accuracy_level_0"].values())  # NaN never reaches here: it fails first
+    lines = [
+        f"  --quant int{rq['bits']}: {rq['matmuls_quantized']} MatMuls -> MatMulNBits (block {rq['block_size']}, "
+        f"symmetric, accuracy level {rq['accuracy_level']}); float32: {rq['gather_left_float']} Gather (embedding), "
+        f"{rq['gemm_left_float']} Gemm (tied LM head)",
+        f"  quantized vs its own dequantized weights: float32 activations logits max_abs {exact:.2e} "
+        f"(<= {tol['float32_activations_max_abs']:g})",
+    ]
+    shipped = val.get(f"accuracy_level_{rq['accuracy_level']}")
+    if rq["accuracy_level"] not in (0, 1) and shipped:
+        rel = max(c["max_rel"] for c in shipped.values())
+        top1 = min(c["top1"] for c in shipped.values())
+        bound = tol["int8_activations_max_rel"]
+        lines.append(f"  as shipped (int8 activations): logits max_rel {rel:.3f} (<= {bound:g}), top1 {top1:.3f}")
+    lines.append(
+        "  the lines below: the float32 graph before --quant; the rounding's cost: layerpair-export eval --onnx"
+    )
+    return lines
 
 
 def summary(report: dict, output: Path) -> str:
@@ -203,6 +245,7 @@ def summary(report: dict, output: Path) -> str:
             f"  {stage:8s} {len(windows)} windows ORT vs PyTorch: hidden max_abs {worst['hidden_max_abs']:.2e} "
             f"cache max_abs {worst['cache_max_abs']:.2e} logits max_abs {worst['logits_max_abs']:.2e}"
         )
+    lines += _quant_lines(report)
     for k, a in ag.items():
         lines.append(
             f"  {k:8s} ORT vs PyTorch: logits max_abs {a['max_abs']:.2e} max_rel {a['max_rel']:.2e} "

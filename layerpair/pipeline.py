@@ -32,10 +32,13 @@ from layerpair.exporter.validate import (
     VALIDATION_TEXT,
     Agreement,
     Graph,
+    OrtRunner,
     RecordedRunner,
     TorchRunner,
+    compare_runners,
     record_reference,
     validation_tokens,
+    within_tolerance,
 )
 from layerpair.exporter.windowed import validate_windowed
 from layerpair.graph_passes.merge import merge_pairs, merge_report
@@ -71,6 +74,9 @@ class ExportOptions:
     validation: str = "auto"  # "whole" | "windowed" | "auto" (whole when it fits in memory)
     window_gb: float = 1.0  # windowed validation: fp32 weight bytes per window (at least one block)
     target: str = "portable"  # "ort": ONNX Runtime's fused contrib ops (graph_passes/ort_target.py)
+    quant: str | None = None  # --quant int4|int8: MatMulNBits weights (--target ort; graph_passes/quantize.py)
+    quant_block: int = 32
+    quant_accuracy: int = 4  # MatMulNBits accuracy_level: 4 = int8 activations (the genai builder's CPU default)
 
 
 def versions() -> dict[str, str]:
@@ -204,7 +210,8 @@ def _whole_stages(
     validate, exported, kept = _load_and_record(opts, ckpt, pairs_for, meter, progress)
     return_freed_memory()  # --dtype: the fp32 Decoder, recorded, is gone
     typed, pairs = validate.typed, exported.pairs
-    spec, merge_info, typed_check = typed.spec, {"merged": False}, None  # spec: I/O of OUT/model.onnx
+    spec, typed_check = typed.spec, None  # spec: I/O of OUT/model.onnx
+    merge_info: dict[str, Any] = {"merged": False}
     if pairs and opts.merge:  # graph passes: each pair becomes one wide layer (layerpair/graph_passes)
         spec, onnx_info, merge_info, typed_check = _merge_stages(exported, ckpt, spec, validate, tmp, meter)
     else:
@@ -222,6 +229,9 @@ def _whole_stages(
         if typed_check is not None:  # 16-bit: a second session on the file, after the first one is gone
             return_freed_memory()
             merge_info.update(typed_check.compare(tmp / "model.onnx", spec, progress))
+    if opts.quant is not None:  # the file just validated at float32 is the one quantized
+        with meter("quantize"):
+            merge_info["quant"], onnx_info = quantize_written(tmp / "model.onnx", spec, opts, ckpt, progress)
     if ckpt.tokenizer is not None:
         ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     report = _report(opts, ckpt, pairs, typed, onnx_info, spec, agreement, merge_info)
@@ -354,6 +364,49 @@ def target_atol(opts: ExportOptions) -> float:
     from layerpair.graph_passes.ort_target import ORT_TARGET_ATOL
 
     return max(opts.atol, ORT_TARGET_ATOL)
+
+
+def quantize_written(
+    path: Path, spec: IOSpec, opts: ExportOptions, ckpt: Checkpoint, say: Progress
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--quant``: the validated float32 graph at ``path`` rewritten in place with MatMulNBits weights
+    (graph_passes/quantize.py), then validated against the same graph on its own dequantized weights: exactly with
+    float32 activations (``target_atol``), and as shipped (accuracy level 4, int8 activations) normwise within
+    ``ACTIVATION_INT8_REL``. What the rounding itself costs is measured by ``layerpair-export eval --onnx``.
+    Returns the report's ``quant`` section and the new ``onnx`` section."""
+    from layerpair.graph_passes.quantize import ACTIVATION_INT8_REL, BITS, dequantized, quantize, with_accuracy_level
+
+    say(f"--quant {opts.quant}: MatMul weights -> MatMulNBits (blocks of {opts.quant_block}, symmetric, "
+        f"accuracy level {opts.quant_accuracy}; ONNX Runtime's quantizer)")  # fmt: skip
+    model, facts = quantize(ir.load(str(path)), BITS[str(opts.quant)], opts.quant_block, opts.quant_accuracy)
+    ref = OrtRunner(dequantized(model), spec)
+    checks: dict[str, Any] = {}
+    for level in sorted({0, opts.quant_accuracy}):
+        agreement = compare_runners(OrtRunner(with_accuracy_level(model, level), spec), spec, ref, spec, ckpt.tokenizer)
+        say(f"accuracy level {level} vs its dequantized weights:\n" + format_agreement(agreement))
+        exact = level in (0, 1)
+        bad = within_tolerance(agreement, target_atol(opts)) if exact else _normwise(agreement, ACTIVATION_INT8_REL)
+        checks[f"accuracy_level_{level}"] = {k: a.to_json() for k, a in agreement.items()}
+        if bad:
+            raise ValidationError(f"the {opts.quant} graph at accuracy level {level} disagrees with its own "
+                                  "dequantized weights: " + "; ".join(bad), "report this with report.json")  # fmt: skip
+    with_accuracy_level(model, opts.quant_accuracy)
+    del ref
+    path.unlink()
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    pairs = tuple((s.layers[0], s.layers[1]) for s in spec.slots if len(s.layers) == 2)
+    onnx_info = write_onnx(model, path, opts, pairs, say)
+    bounds = {"float32_activations_max_abs": target_atol(opts), "int8_activations_max_rel": ACTIVATION_INT8_REL}
+    return {**facts, "tolerance": bounds, "validation": checks}, onnx_info
+
+
+def _normwise(agreement: dict[str, Agreement], rel: float) -> list[str]:
+    """Failing cases: logits max_rel, or KV cache max_abs over the reference's scale, above ``rel`` (NaN fails)."""
+    bad = []
+    for name, a in agreement.items():
+        if not a.max_rel <= rel:
+            bad.append(f"{name}: logits max_rel {a.max_rel:.3g} > {rel:g}")
+    return bad
 
 
 def for_target(model: ir.Model, spec: IOSpec, opts: ExportOptions, info: dict[str, Any], say: Progress) -> ir.Model:
