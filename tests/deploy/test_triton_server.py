@@ -99,8 +99,21 @@ def _pids_mentioning(text: str) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="module", params=["portable", "ort-int4"])
+def served_export(request: pytest.FixtureRequest, tiny_export: Path) -> Path:
+    """The tiny LP export as it is, and the same checkpoint with ``--target ort --quant int4`` (ONNX Runtime's
+    fused and quantized contrib ops must serve through the same python model)."""
+    if request.param == "portable":
+        return tiny_export
+    out = tiny_export.parent / "tiny-lp-ort-int4"
+    if not out.is_dir():
+        argv = [str(tiny_export.parent / "tiny-llama"), "--pairs", "1-2", "--target", "ort", "--quant", "int4"]
+        assert main([*argv, "--quant-block", "16", "-o", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
-def server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def server(served_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     ts = tritonserver_dir()
     if ts is None:
         pytest.skip("no tritonserver: pip install --no-deps nvidia-pytriton==0.7.0 (or set LAYERPAIR_TRITONSERVER_DIR)")
@@ -111,7 +124,7 @@ def server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         pytest.skip(f"nvidia-pytriton ships no python backend stub for Python {ver}")
     root = tmp_path_factory.mktemp("tritonserver")
     repo = root / "repo"
-    assert main(["triton", str(tiny_export), str(repo), "--kind", "cpu", "--max-new-tokens", "8"]) == 0
+    assert main(["triton", str(served_export), str(repo), "--kind", "cpu", "--max-new-tokens", "8"]) == 0
     # Backend directory: pytriton keeps one stub per Python version; the backend wants it next to the .so.
     backend = root / "backends" / "python"
     backend.mkdir(parents=True)
@@ -186,16 +199,16 @@ def _expected_text(tiny_export: Path, prompt: str, n: int) -> str:
     return str(tok.decode(out, skip_special_tokens=True))
 
 
-def test_generate_over_http(server: tuple[str, Path], tiny_export: Path) -> None:
+def test_generate_over_http(server: tuple[str, Path], served_export: Path) -> None:
     from layerpair.deploy.triton_client import generate_text
 
     url, _ = server
     got = generate_text(url, MODEL, "Hello there", max_new_tokens=8)
-    assert got == _expected_text(tiny_export, "Hello there", 8)
+    assert got == _expected_text(served_export, "Hello there", 8)
     assert got != ""
 
 
-def test_client_script(server: tuple[str, Path], tiny_export: Path) -> None:
+def test_client_script(server: tuple[str, Path], served_export: Path) -> None:
     url, repo = server
     r = subprocess.run(
         [
@@ -215,4 +228,4 @@ def test_client_script(server: tuple[str, Path], tiny_export: Path) -> None:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.rstrip("\n") == _expected_text(tiny_export, "Hi", 6)
+    assert r.stdout.rstrip("\n") == _expected_text(served_export, "Hi", 6)
