@@ -34,6 +34,21 @@ VERBS["generate"] = "layerpair.deploy.generate:generate_cli"
 VERBS["triton"] = "layerpair.deploy.triton:triton_cli"
 
 
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    q = p.add_argument_group("weight-only quantization (--target ort)")
+    q.add_argument("--quant", choices=("int4", "int8"), default=None, help="MatMul weights -> MatMulNBits")
+    q.add_argument("--quant-block", type=int, default=32, help="weights per scale along K: 16..256 (default 32)")
+    q.add_argument(
+        "--quant-accuracy",
+        type=int,
+        default=4,
+        help="MatMulNBits accuracy level: 4 = int8 activations, fast on CPU (default); 0/1 = float32",
+    )
+    q.add_argument(
+        "--quant-fp32-head", action="store_true", help="keep a tied LM head float32 (default: quantized, own copy)"
+    )
+
+
 def export_parser() -> argparse.ArgumentParser:
     from layerpair.exporter.loading import DEFAULT_MODEL
     from layerpair.exporter.onnx_export import DEFAULT_OPSET
@@ -79,15 +94,7 @@ def export_parser() -> argparse.ArgumentParser:
         help="portable: standard ONNX ops (ONNX Runtime, TensorRT; the default); ort: ONNX Runtime's fused contrib "
         "ops (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization), ONNX Runtime only, fp32",
     )
-    q = p.add_argument_group("weight-only quantization (--target ort)")
-    q.add_argument("--quant", choices=("int4", "int8"), default=None, help="MatMul weights -> MatMulNBits")
-    q.add_argument("--quant-block", type=int, default=32, help="weights per scale along K: 16..256 (default 32)")
-    q.add_argument(
-        "--quant-accuracy",
-        type=int,
-        default=4,
-        help="MatMulNBits accuracy level: 4 = int8 activations, fast on CPU (default); 0/1 = float32",
-    )
+    add_quant_args(p)  # --quant, --quant-block, --quant-accuracy, --quant-fp32-head
     add_engine_args(p)  # --dtype, --trt, --trt-backend, --max-batch/--max-seq/--max-context
     from layerpair.evaluation.cli import add_selection_args
 
@@ -177,6 +184,7 @@ def run_export_cli(argv: Sequence[str]) -> int:
         quant=args.quant,
         quant_block=args.quant_block,
         quant_accuracy=args.quant_accuracy,
+        quant_head=not args.quant_fp32_head,
     )
     report = run_export(opts, lambda n: parse_pairs(args.pairs, n))
     print(summary(report, output))
@@ -197,8 +205,9 @@ def _quant_lines(report: dict) -> list[str]:
     exact = max(c["max_abs"] for c in val["accuracy_level_0"].values())  # NaN never reaches here: it fails first
     lines = [
         f"  --quant int{rq['bits']}: {rq['matmuls_quantized']} MatMuls -> MatMulNBits (block {rq['block_size']}, "
-        f"symmetric, accuracy level {rq['accuracy_level']}); float32: {rq['gather_left_float']} Gather (embedding), "
-        f"{rq['gemm_left_float']} Gemm (tied LM head)",
+        f"symmetric, accuracy level {rq['accuracy_level']}); tied LM head "
+        f"{'quantized (own copy)' if rq['lm_head_untied'] else 'float32' if rq['gemm_left_float'] else 'n/a'}, "
+        "embedding float32",
         f"  quantized vs its own dequantized weights: float32 activations logits max_abs {exact:.2e} "
         f"(<= {tol['float32_activations_max_abs']:g})",
     ]

@@ -77,6 +77,7 @@ class ExportOptions:
     quant: str | None = None  # --quant int4|int8: MatMulNBits weights (--target ort; graph_passes/quantize.py)
     quant_block: int = 32
     quant_accuracy: int = 4  # MatMulNBits accuracy_level: 4 = int8 activations (the genai builder's CPU default)
+    quant_head: bool = True  # a tied LM head is quantized too (its own transposed copy), as the genai builder does
 
 
 def versions() -> dict[str, str]:
@@ -378,7 +379,9 @@ def quantize_written(
 
     say(f"--quant {opts.quant}: MatMul weights -> MatMulNBits (blocks of {opts.quant_block}, symmetric, "
         f"accuracy level {opts.quant_accuracy}; ONNX Runtime's quantizer)")  # fmt: skip
-    model, facts = quantize(ir.load(str(path)), BITS[str(opts.quant)], opts.quant_block, opts.quant_accuracy)
+    model, facts = quantize(
+        ir.load(str(path)), BITS[str(opts.quant)], opts.quant_block, opts.quant_accuracy, opts.quant_head
+    )
     ref = OrtRunner(dequantized(model), spec)
     checks: dict[str, Any] = {}
     for level in sorted({0, opts.quant_accuracy}):

@@ -16,8 +16,9 @@ in tests/graph_passes/test_quantize.py)::
 Invariant: ``dequantized(quantize(m))`` is an fp32 graph with m's structure whose weights are exactly the rounded
 ones, so the quantized graph at accuracy level 0 (float32 activations) must agree with it to float32 summation
 order: that is the exactness check of a quantized export; what the rounding costs is measured by perplexity
-(``layerpair-export eval --onnx``). Not quantized: the token embedding (Gather) and a tied LM head (a Gemm on the
-embedding, transposed read) — the quantizer handles MatMul only; ``facts`` counts both kinds.
+(``layerpair-export eval --onnx``). A tied LM head (a Gemm reading the embedding transposed) gets its own
+transposed copy first (``untie_head``) so that it is quantized too, as the genai builder does — unless
+``head=False``; the token embedding (Gather) stays float32 (the quantizer handles MatMul only).
 """
 
 from __future__ import annotations
@@ -74,13 +75,49 @@ def _quantizer_class() -> Any:
     return MatMulNBitsQuantizer
 
 
-def quantize(model: ir.Model, bits: int, block: int, accuracy_level: int) -> tuple[ir.Model, dict[str, Any]]:
-    """``model`` with every MatMul on a constant weight replaced by MatMulNBits: a new model, held in memory
-    (``model``'s external-data tensors are read into memory first; its graph is unchanged)."""
+def _to_matmul(graph: ir.Graph, node: ir.Node, w_KN: np.ndarray, w_name: str) -> None:
+    """Replace ``node`` (first input x) by ``MatMul(x, w_KN)`` on a new initializer; its output keeps its name
+    (graph outputs included)."""
+    w = ir.Value(name=w_name, const_value=ir.tensor(w_KN))
+    graph.register_initializer(w)
+    mm = ir.node("MatMul", [node.inputs[0], w], name=f"{node.name}.matmul")
+    graph.insert_after(node, mm)
+    name = node.outputs[0].name
+    node.outputs[0].replace_all_uses_with(mm.outputs[0], replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    mm.outputs[0].name = name
+
+
+def untie_head(model: ir.Model) -> int:
+    """Each ``Gemm(x, W, transB=1)`` on a constant ``W`` (a tied LM head reading the embedding [V, E]) becomes
+    ``MatMul(x, W^T)`` on its own transposed copy [E, V], so the quantizer (MatMul only) can quantize it; the
+    embedding's Gather keeps reading the original. Same function, in place; returns how many were rewritten.
+    Must not fire on a Gemm with alpha/beta != 1, a bias, or transA (none of which the exporter writes)."""
+    count = 0
+    for node in list(model.graph):
+        a = node.attributes
+        w = node.inputs[1] if node.op_type == "Gemm" and len(node.inputs) == 2 else None
+        if w is None or w.const_value is None or a.get_int("transB", 0) != 1 or a.get_int("transA", 0) != 0:
+            continue
+        if a.get_float("alpha", 1.0) != 1.0:
+            continue
+        _to_matmul(model.graph, node, np.ascontiguousarray(w.const_value.numpy().T), f"{w.name}.transposed")
+        count += 1
+    return count
+
+
+def quantize(
+    model: ir.Model, bits: int, block: int, accuracy_level: int, head: bool = True
+) -> tuple[ir.Model, dict[str, Any]]:
+    """``model`` with every MatMul on a constant weight replaced by MatMulNBits: a new model, held in memory.
+    ``head``: a tied LM head is quantized too (``untie_head``, as the genai builder does), else it stays fp32.
+    ``model`` itself is consumed: its external-data tensors are read into memory and its head untied."""
     MatMulNBitsQuantizer = _quantizer_class()
+    ir.external_data.load_to_model(model)
+    untied = untie_head(model) if head else 0
     before = sum(1 for n in model.graph if n.op_type == "MatMul")
     q = MatMulNBitsQuantizer(
-        ir.serde.serialize_model(ir.external_data.load_to_model(model)),
+        ir.serde.serialize_model(model),
         bits=bits,
         block_size=block,
         is_symmetric=True,
@@ -95,6 +132,7 @@ def quantize(model: ir.Model, bits: int, block: int, accuracy_level: int) -> tup
         "block_size": block,
         "symmetric": True,
         "accuracy_level": accuracy_level,
+        "lm_head_untied": untied,  # tied LM heads given their own (quantized) copy
         "matmuls_quantized": ops.count(NBITS),
         "matmuls_left_float": ops.count("MatMul"),  # activation x activation (attention) and any the quantizer skipped
         "matmuls_before": before,
@@ -137,15 +175,8 @@ def dequantized(model: ir.Model) -> ir.Model:
     """A copy of ``model`` (a quantized graph) where each MatMulNBits is a MatMul on its dequantized weight."""
     out = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     for node in [n for n in out.graph if n.op_type == NBITS]:
-        w = ir.Value(name=f"{node.name}.dequantized", const_value=ir.tensor(dequantize_weight(node)))
-        out.graph.register_initializer(w)
-        mm = ir.node("MatMul", [node.inputs[0], w], name=f"{node.name}.matmul")
-        out.graph.insert_after(node, mm)
-        name = node.outputs[0].name
-        node.outputs[0].replace_all_uses_with(mm.outputs[0], replace_graph_outputs=True)
         packed = [v for v in node.inputs[1:4] if v is not None]
-        out.graph.remove(node, safe=True)
-        mm.outputs[0].name = name  # same value names as the quantized graph (graph outputs included)
+        _to_matmul(out.graph, node, dequantize_weight(node), f"{node.name}.dequantized")
         for v in packed:  # the packed codes, scales and zero points: unused now
             if not v.uses() and v.name is not None and v.name in out.graph.initializers:
                 del out.graph.initializers[v.name]
