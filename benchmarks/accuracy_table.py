@@ -34,7 +34,7 @@ import torch
 from benchmarks.calib_transfer import HELD_OUT
 from layerpair.evaluation.data import default_text, encoder, read_text, windows_from_tokens
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
+from layerpair.evaluation.heal import heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
 from layerpair.evaluation.search import auto_pairs
 from layerpair.evaluation.selection import calibration_windows
@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--search-tokens", type=int, default=2048)
     p.add_argument("--heal-tokens", type=int, default=16384)
-    p.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
+    p.add_argument("--damping", type=float, default=None, help="fixed ridge damping (default: heal_pairs' choice)")
+    p.add_argument("--indomain-damping", type=float, default=None, help="the in-domain column's, if different")
     p.add_argument("--columns", default=",".join(COLUMNS), help="subset of none,default,indomain")
     p.add_argument("--indomain", default=",".join(HELD_OUT), help="domains healed in-domain (subset)")
     p.add_argument("--search", type=Path, default=None, help="reuse the 'search' entry of an earlier --json")
@@ -118,11 +119,14 @@ def search_pairs(run: Run, depths: list[int]) -> dict[int, tuple[tuple[int, int]
     return {d: front[d] for d in depths}  # type: ignore[misc]
 
 
-def heal_timed(run: Run, pairs: tuple[tuple[int, int], ...], cal: torch.Tensor, what: str) -> Decoder:
+def heal_timed(
+    run: Run, pairs: tuple[tuple[int, int], ...], cal: torch.Tensor, what: str, damping: float | None
+) -> Decoder:
     t = time.perf_counter()
     run.say(f"{what}: healing {format_pairs(pairs)} on {cal.numel()} tokens")
-    healed, _ = heal_pairs(run.dec, pairs, cal, damping=run.a.damping)
+    healed, rep = heal_pairs(run.dec, pairs, cal, damping=damping)
     run.out.setdefault("heal_seconds", {})[what] = round(time.perf_counter() - t, 1)
+    run.out.setdefault("heal_damping", {})[what] = rep.to_json()["chosen_damping"] or rep.damping
     return healed
 
 
@@ -151,14 +155,18 @@ def table_run(a: argparse.Namespace) -> dict[str, Any]:
             models["none"] = TorchBackend(run.dec, p)
         if gen is not None:
             cal = gen[: -(-a.heal_tokens // gen.shape[1])]
-            models["default"] = TorchBackend(heal_timed(run, p, cal, f"{depth} default"))
+            models["default"] = TorchBackend(heal_timed(run, p, cal, f"{depth} default", a.damping))
         if models:
             run.score(depth, models, list(HELD_OUT))
         if "indomain" in columns:
             for dom in [d for d in a.indomain.split(",") if d]:
                 cal = indomain_calibration(run, dom)
                 run.out.setdefault("indomain_heal_tokens", {})[dom] = int(cal.numel())
-                run.score(depth, {"indomain": TorchBackend(heal_timed(run, p, cal, f"{depth} {dom}"))}, [dom])
+                run.score(
+                    depth,
+                    {"indomain": TorchBackend(heal_timed(run, p, cal, f"{depth} {dom}", a.indomain_damping))},
+                    [dom],
+                )
     run.save()
     return run.out
 

@@ -21,7 +21,7 @@ from layerpair.evaluation.data import (
     windows_from_tokens,
 )
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
+from layerpair.evaluation.heal import heal_pairs
 from layerpair.evaluation.search import auto_pairs, parse_budget, save_frontier_plot
 from layerpair.exporter.model import Decoder
 
@@ -112,8 +112,9 @@ def select_pairs(
     if a.heal and pairs:
         assert calibs.heal is not None, "calibration() provides the heal calibration for --heal"
         heal_cal = _heal_calibration(a, calibs.heal, window, overlap, say)
-        damping = a.heal_damping or DEFAULT_DAMPING
-        say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {damping:g})")
+        damping = a.heal_damping  # None: chosen per fit on held-out calibration windows
+        how = "chosen on held-out windows" if damping is None else f"{damping:g}"
+        say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {how})")
         dec, rep = heal_pairs(dec0, pairs, heal_cal, damping=damping, progress=say)
         report["heal"] = rep.to_json()
         return Selection(pairs, dec, report)
