@@ -119,7 +119,10 @@ def test_export_pairs_auto_heal_records_choice(
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "report.json").read_text())
     assert r["depth"] == 5 and r["pairs"] == r["auto"]["pairs"] == r["heal"]["pairs"]
-    assert r["auto"]["calib_tokens"] == 1024 and r["heal"]["damping"] > 0
+    assert r["auto"]["calib_tokens"] == 1024 and r["heal"]["damping"] == "auto"  # chosen per fit (held out)
+    assert len(r["heal"]["chosen_damping"]) == 1 and all(
+        0 < d for ds in r["heal"]["chosen_damping"].values() for d in ds
+    )
     # --calib-text (in-domain text) serves both uses
     assert r["calibration"]["search"]["text"] == r["calibration"]["heal"]["text"] == str(text_file)
     assert r["calibration"]["search"]["source"] == r["calibration"]["heal"]["source"] == "text"
