@@ -174,16 +174,16 @@ def table_run(a: argparse.Namespace) -> dict[str, Any]:
 def merge(paths: Sequence[Path]) -> dict[str, Any]:
     """The cells of several runs (same search) in one result; a cell measured twice keeps the later file's."""
     runs = [json.loads(p.read_text()) for p in paths]
-    pairs = {json.dumps(r["pairs"], sort_keys=True) for r in runs}
-    if len(pairs) != 1:
-        raise SystemExit(f"the runs used different pairs: {sorted(pairs)}")
-    out: dict[str, Any] = {**runs[0], "cells": {}, "merged_from": [str(p) for p in paths]}
+    out: dict[str, Any] = {**runs[0], "cells": {}, "pairs": {}, "merged_from": [str(p) for p in paths]}
     for r in runs:
+        for depth, pairs in r["pairs"].items():
+            if out["pairs"].setdefault(depth, pairs) != pairs:
+                raise SystemExit(f"the runs used different pairs at depth {depth}: {out['pairs'][depth]} vs {pairs}")
         for depth, cols in r["cells"].items():
             for col, doms in cols.items():
                 out["cells"].setdefault(depth, {}).setdefault(col, {}).update(doms)
-        out.setdefault("heal_seconds_all", {}).update(r.get("heal_seconds", {}))
-        out.setdefault("indomain_heal_tokens_all", {}).update(r.get("indomain_heal_tokens", {}))
+        for key in ("heal_seconds", "heal_damping", "indomain_heal_tokens"):
+            out.setdefault(f"{key}_all", {}).update(r.get(key, {}))
     return out
 
 
