@@ -21,7 +21,7 @@ from typing import Any
 
 from layerpair.evaluation.data import default_text, encoder, read_text, windows_from_tokens
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import heal_pairs
+from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
 from layerpair.evaluation.search import auto_pairs
 from layerpair.evaluation.selection import calibration_windows
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out[f"{name}_search"] = res.to_json()
         say(f"{name}: pairs {format_pairs(pairs)}; healing on {heal_cal.numel()} tokens")
         t = time.perf_counter()
-        healed, _ = heal_pairs(dec, pairs, heal_cal, progress=say)
+        healed, _ = heal_pairs(dec, pairs, heal_cal, damping=DEFAULT_DAMPING, progress=say)  # as documented
         out[f"{name}_heal_seconds"] = round(time.perf_counter() - t, 1)
         out[f"{name}_pairs"] = format_pairs(pairs)
         models[f"{name} not healed"] = TorchBackend(dec, pairs)

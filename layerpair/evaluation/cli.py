@@ -4,11 +4,18 @@
                           [--heal] [--json OUT.json]
     layerpair-export eval MODEL --pairs auto --max-ppl-increase 5% [--target-depth N] [--plot frontier.png]
 
-Evaluation reads the first ``--tokens`` tokens of the text; calibration (``--pairs auto``, ``--heal``) reads text
-sampled from the original model itself (``--calib generated``; ``layerpair/evaluation/generated.py``), or with
-``--calib text`` (the default) the last tokens of the same text (or of ``--calib-text``), never overlapping:
-``--calib-tokens`` (default 2048) for the ``--pairs auto`` search,
-``--heal-tokens`` (default 16384, capped by the text) for ``--heal``.
+Evaluation reads the first ``--tokens`` tokens of the text. Each calibration use has a source, ``text`` (the last
+tokens of the same text, or of ``--calib-text``, never overlapping the evaluation) or ``generated`` (text sampled
+from the original model itself, ``layerpair/evaluation/generated.py``):
+
+* the ``--pairs auto`` search reads ``--calib-tokens`` (default 2048); its source defaults to ``text``;
+* ``--heal`` reads ``--heal-tokens`` (default 16384, capped by a text); its source defaults to ``generated``
+  (healing on the model's own samples transfers to other domains; healing on one text does not:
+  docs/accuracy.md).
+
+``--calib-text FILE`` (in-domain text) is used for both; ``--calib generated|text`` sets both;
+``--heal-calib generated|text`` sets healing's alone (it wins over ``--calib``). report.json ``calibration``
+records the source of each use (``search``, ``heal``).
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from layerpair.evaluation.metrics import (
 from layerpair.evaluation.metrics import text_metrics_many as compute_text_metrics_many
 from layerpair.evaluation.selection import (
     CALIB_SOURCES,
-    DEFAULT_CALIB,
+    DEFAULT_HEAL_CALIB,
+    DEFAULT_SEARCH_CALIB,
     calibration,
     check_selection_args,
     select_pairs,
@@ -72,19 +80,35 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam", type=int, default=2, help="--pairs auto beam width (default 2)")
     g.add_argument("--plot", type=Path, default=None, help="--pairs auto: save the frontier as this PNG")
     g.add_argument("--heal", action="store_true", help="refit each pair's o_proj/down_proj on calibration text")
-    g.add_argument("--heal-damping", type=float, default=None, help="ridge damping of --heal (default 1e-2)")
     g.add_argument(
-        "--calib-text", default=None, help="calibration text file or hf:PATH[:CONFIG]:SPLIT (implies --calib text)"
+        "--heal-damping",
+        type=float,
+        default=None,
+        help="ridge damping of --heal (default: chosen per fit from 1e-3..0.3 on held-out calibration windows)",
+    )
+    g.add_argument(
+        "--calib-text",
+        default=None,
+        help="calibration text file or hf:PATH[:CONFIG]:SPLIT, used by the search and healing (implies --calib text)",
     )
     g.add_argument(
         "--calib",
         choices=CALIB_SOURCES,
         default=None,
-        help=f"calibration source: text sampled from the model itself, or --calib-text (default {DEFAULT_CALIB})",
+        help="calibration source of both the search and healing: text sampled from the model itself, or text "
+        f"(--calib-text, else the end of the default text) (default: search {DEFAULT_SEARCH_CALIB}, "
+        f"heal {DEFAULT_HEAL_CALIB})",
     )
-    g.add_argument("--calib-samples", type=int, default=DEFAULT_SEQUENCES, help="--calib generated: sequences")
-    g.add_argument("--calib-length", type=int, default=DEFAULT_LENGTH, help="--calib generated: tokens each")
-    g.add_argument("--calib-seed", type=int, default=0, help="--calib generated: sampling seed (default 0)")
+    g.add_argument(
+        "--heal-calib",
+        choices=CALIB_SOURCES,
+        default=None,
+        help=f"calibration source of --heal alone, overriding --calib (default {DEFAULT_HEAL_CALIB}; "
+        "text with --calib-text)",
+    )
+    g.add_argument("--calib-samples", type=int, default=DEFAULT_SEQUENCES, help="generated calibration: sequences")
+    g.add_argument("--calib-length", type=int, default=DEFAULT_LENGTH, help="generated calibration: tokens each")
+    g.add_argument("--calib-seed", type=int, default=0, help="generated calibration: sampling seed (default 0)")
     g.add_argument(
         "--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help=f"--pairs auto (default {DEFAULT_CALIB_TOKENS})"
     )
@@ -166,10 +190,9 @@ def run_eval_cli(argv: Sequence[str]) -> int:
     encode = encoder(ck.tokenizer)
     tokens = encode(text)
     ev = windows_from_tokens(tokens, a.window, a.tokens)
-    calib, calib_report = calibration(a, dec0, ck.tokenizer, encode, tokens, say)
-    same_text = a.calib_text is None and not isinstance(calib, torch.Tensor)
-    sel = select_pairs(a, dec0, calib, same_text=same_text, eval_windows=ev, progress=say)
-    sel.report.update(calib_report)
+    calibs = calibration(a, dec0, ck.tokenizer, encode, tokens, say)
+    sel = select_pairs(a, dec0, calibs, eval_windows=ev, progress=say)
+    sel.report.update(calibs.report)
     report: dict[str, Any] = {
         "model": a.model,
         "pairs": [list(p) for p in sel.pairs],

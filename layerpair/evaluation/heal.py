@@ -15,8 +15,11 @@ whose input the pair computes anyway, so two ridge regressions on calibration ac
    stream after layer b (``target="global"``: also absorbs drift from earlier pairs).
 
 Ridge toward the original weights, ``W = (FᵀF + λI)⁻¹(FᵀT + λW0)`` with ``λ = damping · mean(diag FᵀF)``,
-keeps the fit well posed when features outnumber calibration tokens. Inputs x come from the *already healed*
-LP model (pairs are healed in layer order), so each fit sees the activations it will see at run time.
+keeps the fit well posed when features outnumber calibration tokens. By default (``damping=None``) each of the
+two fits of each pair chooses its damping from ``DAMPING_GRID`` by the residual on held-out calibration windows
+(every ``HOLDOUT_EVERY``-th window, the last one when there are fewer), then refits on all windows with it; a
+calibration of one window falls back on ``DEFAULT_DAMPING``. Inputs x come from the *already healed* LP model
+(pairs are healed in layer order), so each fit sees the activations it will see at run time.
 
 The result is an ordinary Decoder with different o_proj/down_proj values: export, merge and validation treat
 it like any other checkpoint, and the wide layer costs nothing more at run time.
@@ -45,7 +48,9 @@ from layerpair.evaluation.forward import (
 from layerpair.evaluation.metrics import DEFAULT_BATCH
 from layerpair.exporter.model import Decoder, Layer
 
-DEFAULT_DAMPING = 1e-2
+DEFAULT_DAMPING = 1e-2  # a fixed damping: the fallback of the automatic choice (and the default before it)
+DAMPING_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # the automatic choice's candidates (docs/accuracy.md)
+HOLDOUT_EVERY = 8  # every 8th calibration window is held out to choose the damping
 Pairs = tuple[tuple[int, int], ...]
 TARGETS = ("local", "global")
 
@@ -53,9 +58,10 @@ TARGETS = ("local", "global")
 @dataclass
 class HealReport:
     pairs: list[list[int]]
-    damping: float
+    damping: float | None  # None: chosen per fit on held-out calibration windows (``chosen_damping``)
     target: str
     calib_tokens: int
+    chosen_damping: dict[str, tuple[float, float]] = field(default_factory=dict)  # pair -> (attention, MLP)
     # per pair: relative residual ||F W - T|| / ||T|| before (original weights) and after the refit
     attn_rel_err: dict[str, tuple[float, float]] = field(default_factory=dict)
     mlp_rel_err: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -64,7 +70,9 @@ class HealReport:
         return {
             "method": "ridge refit of o_proj and down_proj per pair (closed form, folded into the weights)",
             "pairs": self.pairs,
-            "damping": self.damping,
+            "damping": "auto" if self.damping is None else self.damping,
+            "damping_grid": list(DAMPING_GRID) if self.damping is None else None,
+            "chosen_damping": self.chosen_damping,
             "target": self.target,
             "calib_tokens": self.calib_tokens,
             "attn_rel_err_before_after": self.attn_rel_err,
@@ -100,6 +108,32 @@ class _Normal:
 
         return W.to(W0.dtype), rel(w0), rel(W)
 
+    def sq_residual(self, W: Tensor) -> float:
+        """||FW - T||² over the accumulated tokens."""
+        assert self.G is not None and self.C is not None
+        w = W.double()
+        return float((w * (self.G @ w)).sum() - 2 * (w * self.C).sum()) + self.tt
+
+    def __iadd__(self, other: _Normal) -> _Normal:
+        assert other.G is not None and other.C is not None
+        self.G = other.G if self.G is None else self.G + other.G
+        self.C = other.C if self.C is None else self.C + other.C
+        self.tt += other.tt
+        return self
+
+
+def _solve(fit: _Normal, held: _Normal, W0: Tensor, damping: float | None) -> tuple[Tensor, float, float, float]:
+    """(W, damping used, rel err before, after) on all tokens. ``damping=None``: the DAMPING_GRID value whose
+    fit on ``fit`` leaves the least residual on ``held`` (DEFAULT_DAMPING when nothing is held out)."""
+    if damping is None:
+        if held.G is None:
+            damping = DEFAULT_DAMPING
+        else:
+            damping = min(DAMPING_GRID, key=lambda d: held.sq_residual(fit.solve(W0, d)[0]))
+            fit += held
+    W, before, after = fit.solve(W0, damping)
+    return W, damping, before, after
+
 
 def _mlp_act(layer: Layer, h: Tensor) -> Tensor:
     """silu(gate) * up of the MLP on its normed input: the features of down_proj [B,W,I]."""
@@ -115,18 +149,19 @@ def heal_pairs(
     dec: Decoder,
     pairs: Sequence[tuple[int, int]],
     calib_windows: Tensor,
-    damping: float = DEFAULT_DAMPING,
+    damping: float | None = None,
     target: str = "local",
     batch: int = DEFAULT_BATCH,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Decoder, HealReport]:
-    """A new Decoder with ``pairs`` whose pair o_proj/down_proj are refitted on ``calib_windows`` [N,W].
+    """A new Decoder with ``pairs`` whose pair o_proj/down_proj are refitted on ``calib_windows`` [N,W]; ``damping``
+    None chooses it per fit on held-out windows (module docstring).
 
     ``dec`` holds the original weights (its own pairs are ignored) and is not modified.
     """
     if target not in TARGETS:
         raise InputError(f"heal target '{target}' is unknown", f"use one of: {', '.join(TARGETS)}")
-    if not damping > 0:
+    if damping is not None and not damping > 0:
         raise InputError(f"heal damping must be positive, got {damping}", "pass e.g. 1e-2")
     say = progress or (lambda msg: None)
     pairs = tuple(sorted(pairs))
@@ -135,7 +170,7 @@ def heal_pairs(
     if not pairs:
         return healed, report
     new: Any = healed.layers
-    chunks = [calib_windows[i : i + batch] for i in range(0, calib_windows.shape[0], batch)]
+    chunks, held = _chunks(calib_windows, batch, damping is None)
     ctxs = [window_context(dec, *c.shape) for c in chunks]
     with torch.no_grad():
         xs = [embed(healed, ids) for ids in chunks]  # LP residual stream, per chunk
@@ -147,15 +182,50 @@ def heal_pairs(
                     x_orig = [run_block(dec, (i,), x, c) for x, c in zip(x_orig, ctxs, strict=True)]
             if len(block) == 2:
                 a, b = block
-                ctx_ab, report.attn_rel_err[f"{a}-{b}"] = _refit_o_proj(dec, a, b, new[a], new[b], xs, ctxs, damping)
+                fits = _Fits(xs, ctxs, held, damping)
+                ctx_ab, d_attn, report.attn_rel_err[f"{a}-{b}"] = _refit_o_proj(dec, a, b, new[a], new[b], fits)
                 targets = x_orig if target == "global" else None
-                before, after = _refit_down_proj(dec, a, b, new[a], new[b], xs, ctxs, ctx_ab, targets, damping)
+                d_mlp, before, after = _refit_down_proj(dec, a, b, new[a], new[b], fits, ctx_ab, targets)
                 report.mlp_rel_err[f"{a}-{b}"] = (before, after)
+                report.chosen_damping[f"{a}-{b}"] = (d_attn, d_mlp)
                 done += 1
                 # (the figures are the MLP fit's, as they always were; the attention fit's are in the report)
-                say(f"healed pair {a}-{b} ({done}/{len(pairs)}): attention residual {before:.3f} -> {after:.3f}")
+                say(
+                    f"healed pair {a}-{b} ({done}/{len(pairs)}): attention residual {before:.3f} -> {after:.3f} "
+                    f"(damping {d_attn:g} / {d_mlp:g})"
+                )
             xs = [run_block(healed, block, x, c) for x, c in zip(xs, ctxs, strict=True)]
     return healed, report
+
+
+def _chunks(windows: Tensor, batch: int, hold_out: bool) -> tuple[list[Tensor], list[bool]]:
+    """Batches of calibration windows and whether each is held out (to choose the damping): with ``hold_out``,
+    every HOLDOUT_EVERY-th window (the last one when there are fewer), batched apart from the rest."""
+    n = windows.shape[0]
+    idx = torch.arange(n)
+    is_held = (idx % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if n >= HOLDOUT_EVERY else (idx == n - 1)
+    if not hold_out or n < 2:
+        is_held = torch.zeros(n, dtype=torch.bool)
+    out: list[Tensor] = []
+    flags: list[bool] = []
+    for flag in (False, True):
+        part = windows[is_held == flag]
+        out += [part[i : i + batch] for i in range(0, part.shape[0], batch)]
+        flags += [flag] * -(-part.shape[0] // batch)
+    return out, flags
+
+
+@dataclass
+class _Fits:
+    """What both fits of a pair read: the LP stream and masks per batch, which batches are held out, the damping."""
+
+    xs: list[Tensor]
+    ctxs: list[WindowContext]
+    held: list[bool]
+    damping: float | None
+
+    def normals(self) -> tuple[_Normal, _Normal]:
+        return _Normal(), _Normal()
 
 
 def _copy_with_pairs(dec: Decoder, pairs: Pairs) -> Decoder:
@@ -168,26 +238,28 @@ def _copy_with_pairs(dec: Decoder, pairs: Pairs) -> Decoder:
 
 
 def _refit_o_proj(
-    dec: Decoder, a: int, b: int, na: Layer, nb: Layer, xs: list[Tensor], ctxs: list[WindowContext], damping: float
-) -> tuple[list[tuple[Tensor, Tensor]], tuple[float, float]]:
+    dec: Decoder, a: int, b: int, na: Layer, nb: Layer, fits: _Fits
+) -> tuple[list[tuple[Tensor, Tensor]], float, tuple[float, float]]:
     """Stage 1: ``[ctx_a(x), ctx_b(x)] @ [Wo_a; Wo_b] ≈ A_a(x) + A_b(y1)`` (the sequential pair's attention
     contributions, o_proj biases taken out), fitted on the LP stream ``xs`` and written into ``na``/``nb``.
-    Returns each chunk's contexts (ctx_a, ctx_b) [B,W,H*D], which stage 2 reuses, and (rel err before, after)."""
+    Returns each chunk's contexts (ctx_a, ctx_b) [B,W,H*D], which stage 2 reuses, the damping used and
+    (rel err before, after)."""
     orig: Any = dec.layers
     la, lb = orig[a], orig[b]
-    att = _Normal()
+    fit, held = fits.normals()
     feats: list[tuple[Tensor, Tensor]] = []
-    for x, c in zip(xs, ctxs, strict=True):
+    for x, c, is_held in zip(fits.xs, fits.ctxs, fits.held, strict=True):
         ca = attn_ctx(na, na.input_layernorm(x), c, dec.arch.window(a))
         cb = attn_ctx(nb, nb.input_layernorm(x), c, dec.arch.window(b))
         y1 = run_block(dec, (a,), x, c)
         seq_attn = attention(la, x, c, dec.arch.window(a)) + attention(lb, y1, c, dec.arch.window(b))
-        att.add(torch.cat([ca, cb], -1), seq_attn - _obias(na) - _obias(nb))
+        (held if is_held else fit).add(torch.cat([ca, cb], -1), seq_attn - _obias(na) - _obias(nb))
         feats.append((ca, cb))
     q = feats[-1][0].shape[-1]
-    W, before, after = att.solve(torch.cat([na.self_attn.o_proj, nb.self_attn.o_proj], 0), damping)
+    W0 = torch.cat([na.self_attn.o_proj, nb.self_attn.o_proj], 0)
+    W, damping, before, after = _solve(fit, held, W0, fits.damping)
     na.self_attn.o_proj.data, nb.self_attn.o_proj.data = W[:q].contiguous(), W[q:].contiguous()
-    return feats, (before, after)
+    return feats, damping, (before, after)
 
 
 def _refit_down_proj(
@@ -196,25 +268,26 @@ def _refit_down_proj(
     b: int,
     na: Layer,
     nb: Layer,
-    xs: list[Tensor],
-    ctxs: list[WindowContext],
+    fits: _Fits,
     feats: list[tuple[Tensor, Tensor]],
     global_targets: list[Tensor] | None,
-    damping: float,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Stage 2, on the h of the refitted o_proj: ``[act_a(h), act_b(h)] @ [Wd_a; Wd_b] ≈ target - h`` (down_proj
     biases taken out), written into ``na``/``nb``. The target is the sequential pair on the same input, or with
-    ``global_targets`` the original model's stream after layer b. Returns (rel err before, after)."""
-    mlp = _Normal()
-    for k, (x, c) in enumerate(zip(xs, ctxs, strict=True)):
+    ``global_targets`` the original model's stream after layer b. Returns (damping used, rel err before, after)."""
+    fit, held = fits.normals()
+    for k, (x, c, is_held) in enumerate(zip(fits.xs, fits.ctxs, fits.held, strict=True)):
         ca, cb = feats[k]
         h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + _obias(na) + _obias(nb)
         tgt = run_block(dec, (b,), run_block(dec, (a,), x, c), c) if global_targets is None else global_targets[k]
-        mlp.add(torch.cat([_mlp_act(na, h), _mlp_act(nb, h)], -1), tgt - h - _dbias(na) - _dbias(nb))
+        (held if is_held else fit).add(
+            torch.cat([_mlp_act(na, h), _mlp_act(nb, h)], -1), tgt - h - _dbias(na) - _dbias(nb)
+        )
     i_dim = dec.arch.intermediate_size
-    W, before, after = mlp.solve(torch.cat([na.mlp.down_proj, nb.mlp.down_proj], 0), damping)
+    W0 = torch.cat([na.mlp.down_proj, nb.mlp.down_proj], 0)
+    W, damping, before, after = _solve(fit, held, W0, fits.damping)
     na.mlp.down_proj.data, nb.mlp.down_proj.data = W[:i_dim].contiguous(), W[i_dim:].contiguous()
-    return before, after
+    return damping, before, after
 
 
 def _obias(layer: Layer) -> Tensor | float:

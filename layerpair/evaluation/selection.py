@@ -21,15 +21,29 @@ from layerpair.evaluation.data import (
     windows_from_tokens,
 )
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
+from layerpair.evaluation.heal import heal_pairs
 from layerpair.evaluation.search import auto_pairs, parse_budget, save_frontier_plot
 from layerpair.exporter.model import Decoder
 
 Pairs = tuple[tuple[int, int], ...]
 DEFAULT_HEAL_TOKENS = 16384
 CALIB_SOURCES = ("generated", "text")
-DEFAULT_CALIB = "text"  # without --calib-text: the end of the evaluation text / pydoc (docs/accuracy.md)
+# Defaults without --calib / --heal-calib / --calib-text (measured in docs/accuracy.md, issue 15): the pair search
+# reads the end of the evaluation text (pydoc topics), healing reads text sampled from the model itself.
+DEFAULT_SEARCH_CALIB = "text"
+DEFAULT_HEAL_CALIB = "generated"
 Calib = Sequence[int] | torch.Tensor  # the tokens of a calibration text, or generated windows [N,L]
+
+
+@dataclass
+class Calibrations:
+    """The calibration of each use: ``search`` (``--pairs auto``) and ``heal`` (``--heal``); None where unused.
+    ``same_text``: a text calibration is the evaluation text itself (read from its end, must not overlap it)."""
+
+    search: Calib | None
+    heal: Calib | None
+    same_text: bool = False
+    report: dict[str, Any] = field(default_factory=dict)  # the report.json "calibration" entry, per use
 
 
 @dataclass
@@ -65,24 +79,26 @@ def calibration_windows(
 def select_pairs(
     a: argparse.Namespace,
     dec0: Decoder,
-    calib_tokens: Calib,
-    same_text: bool,
+    calibs: Calibrations,
     eval_windows: torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Selection:
-    """Resolve ``a.pairs`` (explicit or ``auto``) and ``a.heal`` against the original-weights ``dec0``, calibrated
-    on ``calib_tokens``: a text's tokens (read from its end) or generated windows [N,L] (read from the first row)."""
+    """Resolve ``a.pairs`` (explicit or ``auto``) and ``a.heal`` against the original-weights ``dec0``, each use
+    calibrated on its own entry of ``calibs``: a text's tokens (read from its end) or generated windows [N,L]
+    (read from the first row)."""
     from layerpair.exporter.pairs import parse_pairs
 
     say = progress or (lambda msg: None)
     window = getattr(a, "window", DEFAULT_WINDOW)
     auto = a.pairs.strip().lower() == "auto"
     report: dict[str, Any] = {}
+    overlap = eval_windows if calibs.same_text else None
     if auto:
-        if isinstance(calib_tokens, torch.Tensor):
-            cal = generated_rows(calib_tokens, a.calib_tokens, "--pairs auto", say)
+        assert calibs.search is not None, "calibration() provides the search calibration for --pairs auto"
+        if isinstance(calibs.search, torch.Tensor):
+            cal = generated_rows(calibs.search, a.calib_tokens, "--pairs auto", say)
         else:
-            cal = calibration_windows(calib_tokens, a.calib_tokens, window, eval_windows if same_text else None)
+            cal = calibration_windows(calibs.search, a.calib_tokens, window, overlap)
         budget = parse_budget(a.max_ppl_increase) if a.max_ppl_increase is not None else None
         res = auto_pairs(dec0, cal, budget, a.target_depth, beam=a.beam, progress=say)
         print(res.table())
@@ -94,9 +110,11 @@ def select_pairs(
     else:
         pairs = parse_pairs(a.pairs, dec0.arch.num_layers)
     if a.heal and pairs:
-        heal_cal = _heal_calibration(a, calib_tokens, window, eval_windows if same_text else None, say)
-        damping = a.heal_damping or DEFAULT_DAMPING
-        say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {damping:g})")
+        assert calibs.heal is not None, "calibration() provides the heal calibration for --heal"
+        heal_cal = _heal_calibration(a, calibs.heal, window, overlap, say)
+        damping = a.heal_damping  # None: chosen per fit on held-out calibration windows
+        how = "chosen on held-out windows" if damping is None else f"{damping:g}"
+        say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {how})")
         dec, rep = heal_pairs(dec0, pairs, heal_cal, damping=damping, progress=say)
         report["heal"] = rep.to_json()
         return Selection(pairs, dec, report)
@@ -127,10 +145,15 @@ def gen_spec(a: argparse.Namespace) -> GenSpec:
     return GenSpec(getattr(a, "calib_samples", 64), getattr(a, "calib_length", 256), seed=getattr(a, "calib_seed", 0))
 
 
-def calib_source(a: argparse.Namespace) -> str:
-    """``--calib``, else ``text`` when ``--calib-text`` is given, else DEFAULT_CALIB."""
-    src = getattr(a, "calib", None)
-    return src if src is not None else ("text" if a.calib_text is not None else DEFAULT_CALIB)
+def calib_sources(a: argparse.Namespace) -> tuple[str, str]:
+    """(search source, heal source). ``--calib`` sets both; ``--heal-calib`` overrides healing's. Without them:
+    ``text`` for both when ``--calib-text`` is given (in-domain text), else DEFAULT_SEARCH_CALIB and
+    DEFAULT_HEAL_CALIB."""
+    both = getattr(a, "calib", None)
+    given_text = a.calib_text is not None
+    search = both if both is not None else ("text" if given_text else DEFAULT_SEARCH_CALIB)
+    heal = getattr(a, "heal_calib", None) or both or ("text" if given_text else DEFAULT_HEAL_CALIB)
+    return search, heal
 
 
 def calibration(
@@ -140,22 +163,48 @@ def calibration(
     encode: Encode,
     text_tokens: Sequence[int] | None,
     say: Callable[[str], None],
-) -> tuple[Calib, dict[str, Any]]:
-    """The calibration of ``--pairs auto`` / ``--heal`` and its report.json entry: generated windows, or the
-    tokens of ``--calib-text`` (else ``text_tokens``, else the default text). Nothing is generated when neither
-    flag is in use."""
+) -> Calibrations:
+    """The calibration of each use (``--pairs auto`` search, ``--heal``) and the report.json entry saying which
+    source each had: generated windows, or the tokens of ``--calib-text`` (else ``text_tokens``, else the default
+    text). Nothing is generated or read for a use that is not in play."""
     auto = a.pairs.strip().lower() == "auto"
-    if calib_source(a) == "generated" and (auto or a.heal):
-        spec = gen_spec(a)
-        windows, info = generated_windows(dec0, bos_id(tokenizer, encode), encode, spec, say)
-        entry = {"source": "generated", "temperature": spec.temperature, "seed": spec.seed, **info.to_json()}
-        return windows, {"calibration": entry}
+    search_src, heal_src = calib_sources(a)
+    used = {"search": search_src if auto else None, "heal": heal_src if a.heal else None}
+    found: dict[str, tuple[Calib, dict[str, Any]]] = {}  # one generation / one text read serves both uses
+    for src in sorted({s for s in used.values() if s is not None}):
+        if src == "generated":
+            found[src] = _generated(a, dec0, tokenizer, encode, say)
+        else:
+            found[src] = _text(a, encode, text_tokens)
+    search = found[search_src] if used["search"] else None
+    heal = found[heal_src] if used["heal"] else None
+    report = {use: c[1] for use, c in (("search", search), ("heal", heal)) if c is not None}
+    return Calibrations(
+        search=search[0] if search else None,
+        heal=heal[0] if heal else None,
+        same_text=a.calib_text is None and text_tokens is not None,
+        report={"calibration": report},
+    )
+
+
+def _generated(
+    a: argparse.Namespace, dec0: Decoder, tokenizer: Any, encode: Encode, say: Callable[[str], None]
+) -> tuple[Calib, dict[str, Any]]:
+    spec = gen_spec(a)
+    windows, info = generated_windows(dec0, bos_id(tokenizer, encode), encode, spec, say)
+    return windows, {"source": "generated", "temperature": spec.temperature, "seed": spec.seed, **info.to_json()}
+
+
+def _text(a: argparse.Namespace, encode: Encode, text_tokens: Sequence[int] | None) -> tuple[Calib, dict[str, Any]]:
     if a.calib_text is None and text_tokens is not None:
         tokens = text_tokens
     else:
         tokens = encode(text_from_arg(a.calib_text, getattr(a, "text_field", "text")))
-    name = str(a.calib_text) if a.calib_text is not None else "the end of the evaluation text"
-    return tokens, {"calibration": {"source": name, "tokens": len(tokens)}}
+    if a.calib_text is not None:
+        name = str(a.calib_text)
+    else:
+        name = "the end of the evaluation text" if text_tokens is not None else "the end of pydoc_data.topics"
+    return tokens, {"source": "text", "text": name, "tokens": len(tokens)}
 
 
 def heal_windows(
@@ -192,18 +241,30 @@ def check_selection_args(a: argparse.Namespace) -> bool:
     if heal_tokens is not None and heal_tokens < 1:
         raise InputError(f"--heal-tokens must be >= 1, got {heal_tokens}", f"pass e.g. {DEFAULT_HEAL_TOKENS}")
     check_text_arg(a.calib_text, "--calib-text")
-    if getattr(a, "calib", None) == "generated" and a.calib_text is not None:
-        raise InputError("--calib generated and --calib-text exclude each other", "drop one of them")
+    heal_calib = getattr(a, "heal_calib", None)
+    if heal_calib is not None and not a.heal:
+        raise InputError("--heal-calib only applies to --heal", "add --heal, or drop --heal-calib")
+    if a.calib_text is not None and "text" not in _sources_in_play(a, auto):
+        raise InputError(
+            "--calib-text is given but no calibration reads it (--calib generated / --heal-calib generated)",
+            "drop --calib-text, or pass --calib text / --heal-calib text",
+        )
     gen_spec(a).check()  # bad --calib-samples/--calib-length/--calib-seed fail even where they are not used
     return auto or bool(a.heal)
 
 
+def _sources_in_play(a: argparse.Namespace, auto: bool) -> set[str]:
+    search, heal = calib_sources(a)
+    return ({search} if auto else set()) | ({heal} if a.heal else set())
+
+
 def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, dict[str, Any]]] | None:
-    """For the export pipeline: None for a plain ``--pairs`` spec, else ``decoder_for(checkpoint)`` that searches
-    (``--pairs auto``) and/or heals (``--heal``) on the calibration (default: text sampled from the model itself;
-    ``--calib text``: ``--calib-text`` or the *end* of the pydoc topics text, so ``layerpair-export eval`` on its
-    default text, which reads the start, stays held out) and returns
-    the Decoder to export plus the ``auto``/``heal`` entries for report.json."""
+    """For the export pipeline: None for a plain ``--pairs`` spec (nothing is generated or read), else
+    ``decoder_for(checkpoint)`` that searches (``--pairs auto``) and/or heals (``--heal``) and returns the Decoder
+    to export plus the ``auto``/``heal``/``calibration`` entries for report.json. Calibration by default: the
+    search reads the *end* of the pydoc topics text (so ``layerpair-export eval`` on its default text, which
+    reads the start, stays held out), healing reads text sampled from the model itself; ``--calib-text`` is
+    used for both; ``--calib`` sets both, ``--heal-calib`` healing's alone."""
     if not check_selection_args(a):
         return None
 
@@ -212,9 +273,9 @@ def export_selection(a: argparse.Namespace) -> Callable[[Any], tuple[Decoder, di
             raise InputError("--pairs auto / --heal need the model's tokenizer", "use a checkpoint that ships one")
         dec0 = ckpt.decoder(())
         say = progress_to_stderr
-        calib, calib_report = calibration(a, dec0, ckpt.tokenizer, encoder(ckpt.tokenizer), None, say)
-        sel = select_pairs(a, dec0, calib, same_text=False, progress=say)
-        return sel.decoder, {**sel.report, **calib_report}
+        calibs = calibration(a, dec0, ckpt.tokenizer, encoder(ckpt.tokenizer), None, say)
+        sel = select_pairs(a, dec0, calibs, progress=say)
+        return sel.decoder, {**sel.report, **calibs.report}
 
     return decoder_for
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from layerpair.evaluation.data import default_text, encoder, windows_from_tokens
-from layerpair.evaluation.heal import heal_pairs
+from layerpair.evaluation.heal import DEFAULT_DAMPING, heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics
 from layerpair.evaluation.search import Scorer, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = rows.setdefault(d, {})
         row["auto"] = {"pairs": pt.pairs, "calib_ratio": pt.ratio, **held_out(TorchBackend(dec, pt.pairs))}
         say(f"depth {d}: healing {len(pt.pairs)} pairs on {a.heal_tokens} tokens")
-        healed, _ = heal_pairs(dec, pt.pairs, calibration_windows(toks, a.heal_tokens, 512, ev))
+        cal_h = calibration_windows(toks, a.heal_tokens, 512, ev)
+        healed, _ = heal_pairs(dec, pt.pairs, cal_h, damping=DEFAULT_DAMPING)  # the damping of the documented study
         row["auto_heal"] = {"pairs": pt.pairs, **held_out(TorchBackend(healed))}
         say(f"depth {d}: best contiguous range")
         pairs, r = contiguous_choice(

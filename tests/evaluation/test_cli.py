@@ -42,14 +42,28 @@ def test_eval_auto_heal_writes_json(
     r = json.loads(out.read_text())
     assert r["depth"] == 4 and len(r["pairs"]) == 2
     assert r["auto"]["frontier"][-1]["depth"] == 4 and r["heal"]["pairs"] == r["pairs"]
-    # --calib generated: 8 x 64 tokens sampled from the model itself; the search reads 256 of them (4 rows)
-    assert r["calibration"]["source"] == "generated" and r["calibration"]["tokens"] == 512
+    # --calib generated: 8 x 64 tokens sampled from the model itself, for both uses; the search reads 256 (4 rows)
+    cal = r["calibration"]
+    assert cal["search"]["source"] == cal["heal"]["source"] == "generated" and cal["heal"]["tokens"] == 512
     assert r["auto"]["calib_tokens"] == 256 and r["heal"]["calib_tokens"] == 512
     assert r["pytorch"]["text"]["scored_tokens"] == 4 * 63
     assert 0 <= r["pytorch"]["mc"]["acc"] <= 1
     assert plot.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "ppl ratio" in printed and "pytorch" in printed
+
+
+def test_eval_default_calibration_searches_text_heals_generated(
+    tiny_checkpoint_with_tokenizer: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r.json"
+    rc = main(["eval", str(tiny_checkpoint_with_tokenizer), "--pairs", "auto", "--target-depth", "5", "--heal",
+               "--text", str(text_file), "--tokens", "128", "--window", "64", "--calib-tokens", "128",
+               "--calib-samples", "4", "--calib-length", "32", "--json", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    cal = json.loads(out.read_text())["calibration"]
+    assert cal["search"]["source"] == "text" and cal["search"]["text"] == "the end of the evaluation text"
+    assert cal["heal"]["source"] == "generated" and cal["heal"]["tokens"] == 4 * 32
 
 
 @pytest.mark.parametrize(
@@ -62,6 +76,8 @@ def test_eval_auto_heal_writes_json(
         (["--pairs", "1-3"], "not two adjacent layers"),
         (["--mc", "/nonexistent.jsonl"], "not found"),
         (["--heal", "--pairs", "1-2", "--heal-tokens", "0"], "--heal-tokens must be >= 1"),
+        (["--pairs", "1-2", "--heal-calib", "text"], "--heal-calib only applies to --heal"),
+        (["--heal", "--pairs", "1-2", "--calib", "generated", "--calib-text", __file__], "no calibration reads it"),
         (["--text", "hf:only-a-path"], "not a dataset spec"),
     ],
 )
@@ -103,7 +119,13 @@ def test_export_pairs_auto_heal_records_choice(
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "report.json").read_text())
     assert r["depth"] == 5 and r["pairs"] == r["auto"]["pairs"] == r["heal"]["pairs"]
-    assert r["auto"]["calib_tokens"] == 1024 and r["heal"]["damping"] > 0
+    assert r["auto"]["calib_tokens"] == 1024 and r["heal"]["damping"] == "auto"  # chosen per fit (held out)
+    assert len(r["heal"]["chosen_damping"]) == 1 and all(
+        0 < d for ds in r["heal"]["chosen_damping"].values() for d in ds
+    )
+    # --calib-text (in-domain text) serves both uses
+    assert r["calibration"]["search"]["text"] == r["calibration"]["heal"]["text"] == str(text_file)
+    assert r["calibration"]["search"]["source"] == r["calibration"]["heal"]["source"] == "text"
     # --heal defaults to 16384 calibration tokens, capped to the whole (short) calibration text in windows of 512
     from transformers import AutoTokenizer
 

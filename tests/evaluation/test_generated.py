@@ -11,7 +11,14 @@ import torch
 
 from layerpair.errors import InputError
 from layerpair.evaluation.generated import NEUTRAL_PROMPTS, GenSpec, generated_windows
-from layerpair.evaluation.selection import check_selection_args, generated_rows, select_pairs
+from layerpair.evaluation.selection import (
+    Calibrations,
+    calib_sources,
+    calibration,
+    check_selection_args,
+    generated_rows,
+    select_pairs,
+)
 from layerpair.exporter.model import Decoder
 
 SPEC = GenSpec(sequences=6, length=10, seed=3)
@@ -69,8 +76,8 @@ def test_bad_spec(spec: GenSpec, msg: str) -> None:
 
 def _args(**kw: object) -> argparse.Namespace:
     base = dict(pairs="1-2", heal=True, max_ppl_increase=None, target_depth=None, plot=None, heal_damping=None,
-                calib_tokens=20, heal_tokens=None, calib_text=None, calib=None, calib_samples=6, calib_length=10,
-                calib_seed=3, beam=1, window=10)  # fmt: skip
+                calib_tokens=20, heal_tokens=None, calib_text=None, calib=None, heal_calib=None, calib_samples=6,
+                calib_length=10, calib_seed=3, beam=1, window=10)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -78,11 +85,48 @@ def test_selection_reads_generated_rows(tiny_llama: Decoder) -> None:
     assert check_selection_args(_args())
     with pytest.raises(InputError, match="is empty"):
         check_selection_args(_args(calib_samples=0))
-    with pytest.raises(InputError, match="exclude each other"):
+    with pytest.raises(InputError, match="no calibration reads it"):
         check_selection_args(_args(calib="generated", calib_text=__file__))
+    with pytest.raises(InputError, match="no calibration reads it"):
+        check_selection_args(_args(heal_calib="generated", calib_text=__file__))  # explicit pairs: heal only
+    with pytest.raises(InputError, match="only applies to --heal"):
+        check_selection_args(_args(heal=False, heal_calib="generated"))
+    assert check_selection_args(_args(pairs="auto", target_depth=4, heal_calib="generated", calib_text=__file__))
     w, _ = generated_windows(tiny_llama, 0, _encode(tiny_llama), SPEC, use_cache=False)
     assert generated_rows(w, 25, "t", print).shape == (3, 10)  # rounded up to whole rows
     said: list[str] = []
     assert generated_rows(w, 1000, "t", said.append).shape == (6, 10) and "using them all" in said[0]
-    sel = select_pairs(_args(), tiny_llama, w, same_text=False)
+    sel = select_pairs(_args(), tiny_llama, Calibrations(search=None, heal=w))
     assert sel.pairs == ((1, 2),) and sel.report["heal"]["calib_tokens"] == 60
+
+
+@pytest.mark.parametrize(
+    ("kw", "sources"),
+    [
+        ({}, ("text", "generated")),  # the default: search on text, heal on the model's own samples
+        ({"calib_text": "t.txt"}, ("text", "text")),  # in-domain text serves both uses
+        ({"calib": "generated"}, ("generated", "generated")),  # --calib sets both
+        ({"calib": "text"}, ("text", "text")),
+        ({"calib_text": "t.txt", "heal_calib": "generated"}, ("text", "generated")),  # --heal-calib overrides
+        ({"calib": "generated", "heal_calib": "text"}, ("generated", "text")),
+    ],
+)
+def test_calib_sources(kw: dict[str, str], sources: tuple[str, str]) -> None:
+    assert calib_sources(_args(**kw)) == sources
+
+
+def test_calibration_per_use(tiny_llama: Decoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAYERPAIR_CACHE_DIR", str(tmp_path))
+    enc, tok, text = _encode(tiny_llama), argparse.Namespace(eos_token_id=0), list(range(1, 41))
+    c = calibration(_args(pairs="auto", target_depth=4), tiny_llama, tok, enc, text, print)
+    assert c.search == text and isinstance(c.heal, torch.Tensor) and c.heal.shape == (6, 10) and c.same_text
+    rep = c.report["calibration"]
+    assert rep["search"]["source"] == "text" and rep["search"]["tokens"] == 40
+    assert rep["heal"]["source"] == "generated" and rep["heal"]["tokens"] == 60
+    plain = calibration(_args(heal=False), tiny_llama, tok, enc, text, print)  # nothing in play: nothing made
+    assert plain.search is None and plain.heal is None and plain.report == {"calibration": {}}
+    assert len(list(tmp_path.glob("calib/*.npy"))) == 1  # the first call's generation, nothing more
+    gen = calibration(_args(pairs="auto", target_depth=4, calib="generated"), tiny_llama, tok, enc, text, print)
+    assert gen.search is gen.heal and gen.report["calibration"]["search"]["source"] == "generated"
+    sel = select_pairs(_args(pairs="auto", target_depth=4), tiny_llama, c)
+    assert len(sel.pairs) == 2 and sel.report["auto"]["calib_tokens"] == 20 and sel.report["heal"]["calib_tokens"] == 60

@@ -99,3 +99,22 @@ def test_onnx_and_pytorch_give_the_same_figures(
     flat = lambda m: [x for ll in m.loglikelihoods for x in ll]  # noqa: E731
     np.testing.assert_allclose(flat(a), flat(b), rtol=1e-3)
     assert (a.acc, a.acc_norm) == (b.acc, b.acc_norm)
+
+
+def test_heal_chooses_damping_on_held_out_windows(tiny_llama: Decoder, texts: tuple[torch.Tensor, ...]) -> None:
+    from layerpair.evaluation.heal import DAMPING_GRID, DEFAULT_DAMPING, HOLDOUT_EVERY, _chunks
+
+    chunks, held = _chunks(texts[0], 4, hold_out=True)  # 16 windows: 2 held out (every 8th), batched apart
+    assert [c.shape[0] for c in chunks] == [4, 4, 4, 2, 2] and held == [False] * 4 + [True]
+    assert torch.equal(chunks[-1], texts[0][HOLDOUT_EVERY - 1 :: HOLDOUT_EVERY])
+    assert _chunks(texts[0][:3], 4, hold_out=True)[1] == [False, True]  # fewer than 8: the last one
+    assert _chunks(texts[0][:1], 4, hold_out=True)[1] == [False]  # one window: nothing to hold out
+    dec, rep = heal_pairs(tiny_llama, PAIRS, texts[0])  # the default: damping chosen per fit
+    assert rep.damping is None and rep.to_json()["damping"] == "auto"
+    assert set(rep.chosen_damping) == {"1-2", "3-4"}
+    assert all(d in DAMPING_GRID for ds in rep.chosen_damping.values() for d in ds)
+    _, one = heal_pairs(tiny_llama, PAIRS, texts[0][:1])
+    assert all(ds == (DEFAULT_DAMPING, DEFAULT_DAMPING) for ds in one.chosen_damping.values())
+    naive = Decoder(tiny_llama.arch, PAIRS)
+    naive.load_state_dict(tiny_llama.state_dict())
+    assert _ratio(dec, tiny_llama, texts[1]) < _ratio(naive, tiny_llama, texts[1])
