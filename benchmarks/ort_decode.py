@@ -119,6 +119,35 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(docs: Sequence[dict[str, Any]], out: Path) -> None:
+    """Median ms per decode token per model (IQR as error bars), one panel per run (``docs``: its JSON files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 3.8), squeeze=False)
+    for ax, doc in zip(axes[0], docs, strict=True):
+        names = list(doc["models"])
+        ms = [doc["models"][n]["ms_per_token"] for n in names]
+        med = [m["median"] for m in ms]
+        err = [
+            [x - m["q25"] for x, m in zip(med, ms, strict=True)],
+            [m["q75"] - x for x, m in zip(med, ms, strict=True)],
+        ]
+        colors = ["#c84" if n.startswith("genai") else "#2a7" if "lp" in n else "#888" for n in names]
+        ax.bar(range(len(names)), med, yerr=err, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        load = doc["load_average_start"][0]
+        ax.set_title(
+            f"{doc['settings']['threads']} thread(s), batch 1, {doc['date'][:16]} (load {load:.2f})", fontsize=9
+        )
+        ax.set_ylabel("ms per decode token (median, IQR)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("models", nargs="+", help="NAME=DIR: a directory with model.onnx")
@@ -128,11 +157,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--plot", type=Path, default=None, help="also draw OUT.png; with --replot, the JSON files given")
+    p.add_argument("--replot", action="store_true", help="MODELS are JSON files of earlier runs: only draw --plot")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot([json.loads(Path(f).read_text()) for f in args.models], args.plot or args.out.with_suffix(".png"))
+        return 0
     models = {}
     for m in args.models:
         name, _, d = m.partition("=")
@@ -142,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = run(models, args.threads, args.prompt, args.steps, args.rounds, args.warmup)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, doc)
+    if args.plot is not None:
+        plot([doc], args.plot)
     print(markdown(doc))
     print(f"load average at start {doc['load_average_start']}, at end {doc['load_average_end']}; wrote {args.out}")
     return 0

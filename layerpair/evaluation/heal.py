@@ -189,10 +189,10 @@ def heal_pairs(
                 report.mlp_rel_err[f"{a}-{b}"] = (before, after)
                 report.chosen_damping[f"{a}-{b}"] = (d_attn, d_mlp)
                 done += 1
-                # (the figures are the MLP fit's, as they always were; the attention fit's are in the report)
+                ab, aa = report.attn_rel_err[f"{a}-{b}"]
                 say(
-                    f"healed pair {a}-{b} ({done}/{len(pairs)}): attention residual {before:.3f} -> {after:.3f} "
-                    f"(damping {d_attn:g} / {d_mlp:g})"
+                    f"healed pair {a}-{b} ({done}/{len(pairs)}): relative residual, attention {ab:.3f} -> {aa:.3f} "
+                    f"(damping {d_attn:g}), MLP {before:.3f} -> {after:.3f} (damping {d_mlp:g})"
                 )
             xs = [run_block(healed, block, x, c) for x, c in zip(xs, ctxs, strict=True)]
     return healed, report

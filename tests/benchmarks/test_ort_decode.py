@@ -32,3 +32,17 @@ def test_times_portable_and_ort_exports_side_by_side(tmp_path: Path) -> None:
         assert row["ms_per_token"]["n"] == 2 and row["ms_per_token"]["median"] > 0
     assert doc["models"]["ort"]["nodes"] < doc["models"]["portable"]["nodes"]
     assert len(doc["load_average_start"]) == 3
+
+
+def test_replot_draws_from_the_json_files(tmp_path: Path) -> None:
+    ms = {"genai": (2.0, 1.5, 2.5), "ort-lp": (1.0, 0.9, 1.1)}
+    doc = {
+        "models": {n: {"ms_per_token": dict(zip(("median", "q25", "q75"), v, strict=True))} for n, v in ms.items()},
+        "settings": {"threads": 2},
+        "date": "2026-12-03T09:20:00Z",
+        "load_average_start": [0.1, 0.1, 0.1],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    png = tmp_path / "p.png"
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--replot", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
