@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -223,6 +224,13 @@ def _quant_lines(report: dict) -> list[str]:
     return lines
 
 
+def _worst(values: Sequence[float | None]) -> float:
+    """The largest of the measured ``values`` (None: not measured in that window), NaN if any is NaN — Python's
+    ``max`` would drop a NaN that is not first; 0.0 when none was measured."""
+    measured = [float(v) for v in values if v is not None]
+    return math.nan if any(math.isnan(v) for v in measured) else max(measured, default=0.0)
+
+
 def summary(report: dict, output: Path) -> str:
     ag = report["agreement"]
     lines = [
@@ -249,7 +257,7 @@ def summary(report: dict, output: Path) -> str:
         if not v.get("executed", True):
             lines.append(f"  {stage:8s} NOT EXECUTED: {v['why']}")
             continue
-        worst = {k: max(w[k] or 0.0 for w in windows) for k in ("hidden_max_abs", "cache_max_abs", "logits_max_abs")}
+        worst = {k: _worst([w[k] for w in windows]) for k in ("hidden_max_abs", "cache_max_abs", "logits_max_abs")}
         lines.append(
             f"  {stage:8s} {len(windows)} windows ORT vs PyTorch: hidden max_abs {worst['hidden_max_abs']:.2e} "
             f"cache max_abs {worst['cache_max_abs']:.2e} logits max_abs {worst['logits_max_abs']:.2e}"

@@ -93,3 +93,13 @@ def test_windowed_16_bit(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> N
     assert main([ck, "-o", str(tmp_path / "bf16"), "--dtype", "bf16", *flags]) == 0
     v = json.loads((tmp_path / "bf16" / "report.json").read_text())["validation"]
     assert v["merged"]["executed"] is False and "bf16" in v["merged"]["why"]
+
+
+def test_summary_worst_keeps_a_nan() -> None:
+    """The console's worst-window figure: a NaN anywhere shows as NaN (Python's max(0.1, nan) is 0.1)."""
+    import math
+
+    from layerpair.cli import _worst
+
+    assert _worst([0.1, None, 0.3]) == 0.3 and _worst([None]) == 0.0
+    assert math.isnan(_worst([0.1, math.nan])) and math.isnan(_worst([math.nan, 0.1]))
