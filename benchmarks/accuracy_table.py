@@ -55,6 +55,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--columns", default=",".join(COLUMNS), help="subset of none,default,indomain")
     p.add_argument("--indomain", default=",".join(HELD_OUT), help="domains healed in-domain (subset)")
     p.add_argument("--search", type=Path, default=None, help="reuse the 'search' entry of an earlier --json")
+    p.add_argument(
+        "--search-mix",
+        action="store_true",
+        help="search on a mixture: the pydoc-end windows (cut to 256) plus as many generated-sample tokens",
+    )
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the cells of earlier --json runs")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
@@ -109,7 +114,11 @@ def search_pairs(run: Run, depths: list[int]) -> dict[int, tuple[tuple[int, int]
         res_json = json.loads(a.search.read_text())["search"]
     else:
         cal = calibration_windows(run.tokens["pydoc"], a.search_tokens, 512, run.evs["pydoc"])
-        run.say(f"searching down to depth {min(depths)} on {cal.numel()} pydoc-end tokens")
+        if a.search_mix:  # issue 15 lever 2 (mixture, mean objective): pydoc end + the model's own samples
+            gen, _ = generated_windows(run.dec, bos_id(run.tokenizer, run.enc), run.enc, GenSpec(), run.say)
+            cal = cal.reshape(-1, gen.shape[1])
+            cal = torch.cat([cal, gen[: cal.shape[0]]])
+        run.say(f"searching down to depth {min(depths)} on {cal.numel()} tokens ({cal.shape[0]} windows)")
         res = auto_pairs(run.dec, cal, target_depth=min(depths), beam=1, candidates=3, progress=run.say)
         res_json = res.to_json()
     run.out["search"] = res_json
