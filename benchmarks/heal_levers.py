@@ -46,7 +46,7 @@ from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.pairs import parse_pairs
 
-GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+GRID = H.DAMPING_GRID  # heal_pairs' own candidates
 VARIANTS: dict[str, dict[str, Any]] = {
     "local": {},
     "global": {"target": "global"},
@@ -61,7 +61,7 @@ class Variant:
     def __init__(self, target: str = "local", inputs: str = "lp", damping: float = 1e-2, grid: tuple = ()) -> None:
         self.target, self.inputs, self.damping, self.grid = target, inputs, damping, grid
 
-    def solve(self, fit: H._Normal, held: H._Normal, W0: Tensor) -> tuple[Tensor, float]:
+    def solve(self, fit: H.Normal, held: H.Normal, W0: Tensor) -> tuple[Tensor, float]:
         lam = self.damping
         if self.grid:
             lam = min(self.grid, key=lambda d: held.sq_residual(fit.solve(W0, d)[0]))
@@ -76,7 +76,7 @@ def _fit_pair(
     """Both ridge fits of pair (a, b), written into ``new``; returns the dampings used."""
     orig: Any = dec.layers
     na, nb, w = new[a], new[b], dec.arch.window
-    fit, held = H._Normal(), H._Normal()
+    fit, held = H.Normal(), H.Normal()
     feats = []
     for k, (x, c) in enumerate(zip(xin, ctxs, strict=True)):
         ca, cb = attn_ctx(na, na.input_layernorm(x), c, w(a)), attn_ctx(nb, nb.input_layernorm(x), c, w(b))
@@ -85,18 +85,18 @@ def _fit_pair(
         seq = attention(orig[a], base, c, w(a)) + attention(orig[b], y1, c, w(b))
         if v.target == "global":  # the original stream's attention state, as a correction of the LP input
             seq = seq + base - x
-        (held if v.grid and k % 8 == 7 else fit).add(torch.cat([ca, cb], -1), seq - H._obias(na) - H._obias(nb))
+        (held if v.grid and k % 8 == 7 else fit).add(torch.cat([ca, cb], -1), seq - H.o_bias(na) - H.o_bias(nb))
         feats.append((ca, cb))
     q = feats[-1][0].shape[-1]
     W, lam1 = v.solve(fit, held, torch.cat([na.self_attn.o_proj, nb.self_attn.o_proj], 0))
     na.self_attn.o_proj.data, nb.self_attn.o_proj.data = W[:q].contiguous(), W[q:].contiguous()
-    fit, held = H._Normal(), H._Normal()
+    fit, held = H.Normal(), H.Normal()
     for k, (x, c) in enumerate(zip(xin, ctxs, strict=True)):
         ca, cb = feats[k]
-        h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + H._obias(na) + H._obias(nb)
+        h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + H.o_bias(na) + H.o_bias(nb)
         tgt = run_block(dec, (b,), run_block(dec, (a,), xo[k] if v.target == "global" else x, c), c)
-        act = torch.cat([H._mlp_act(na, h), H._mlp_act(nb, h)], -1)
-        (held if v.grid and k % 8 == 7 else fit).add(act, tgt - h - H._dbias(na) - H._dbias(nb))
+        act = torch.cat([H.mlp_act(na, h), H.mlp_act(nb, h)], -1)
+        (held if v.grid and k % 8 == 7 else fit).add(act, tgt - h - H.down_bias(na) - H.down_bias(nb))
     i_dim = dec.arch.intermediate_size
     W, lam2 = v.solve(fit, held, torch.cat([na.mlp.down_proj, nb.mlp.down_proj], 0))
     na.mlp.down_proj.data, nb.mlp.down_proj.data = W[:i_dim].contiguous(), W[i_dim:].contiguous()
@@ -105,7 +105,7 @@ def _fit_pair(
 
 def heal(dec: Decoder, pairs: Sequence[tuple[int, int]], calib: Tensor, v: Variant) -> tuple[Decoder, dict]:
     pairs = tuple(sorted(pairs))
-    healed = H._copy_with_pairs(dec, pairs)
+    healed = H.copy_with_pairs(dec, pairs)
     chunks = [calib[i : i + 4] for i in range(0, calib.shape[0], 4)]
     ctxs = [window_context(dec, *c.shape) for c in chunks]
     chosen = {}

@@ -165,12 +165,23 @@ def test_no_function_longer_than_60_lines() -> None:
 
 
 def _private_imports(root: Path) -> list[str]:
-    """``from layerpair.X import _name`` anywhere under ``root``: a private name used outside its module."""
+    """A private name of a layerpair module used outside it, anywhere under ``root``: ``from layerpair.X import
+    _name``, or ``M._name`` where ``M`` is a layerpair module the file imported (``from layerpair.x import m as M``,
+    ``import layerpair.x.m as M``)."""
     bad = []
     for f in sorted(root.rglob("*.py")):
-        for n in ast.walk(ast.parse(f.read_text())):
+        tree = ast.parse(f.read_text())
+        modules: dict[str, str] = {}  # local name -> the layerpair module it is bound to
+        for n in ast.walk(tree):
             if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("layerpair"):
                 bad += [f"{f.name} imports {n.module}.{a.name}" for a in n.names if a.name.startswith("_")]
+                modules |= {a.asname or a.name: f"{n.module}.{a.name}" for a in n.names}
+            elif isinstance(n, ast.Import):
+                modules |= {a.asname: a.name for a in n.names if a.asname and a.name.startswith("layerpair.")}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in modules:
+                if n.attr.startswith("_") and not n.attr.startswith("__"):
+                    bad.append(f"{f.name} uses {modules[n.value.id]}.{n.attr}")
     return bad
 
 
@@ -180,4 +191,8 @@ def test_no_private_name_crosses_a_module() -> None:
 
 def test_the_private_name_check_catches_one(tmp_path: Path) -> None:
     (tmp_path / "m.py").write_text("def f():\n    from layerpair.exporter.validate import _hidden\n")
-    assert _private_imports(tmp_path) == ["m.py imports layerpair.exporter.validate._hidden"]
+    (tmp_path / "n.py").write_text("from layerpair.evaluation import heal as H\n\nx = H._Normal()\n")
+    assert _private_imports(tmp_path) == [
+        "m.py imports layerpair.exporter.validate._hidden",
+        "n.py uses layerpair.evaluation.heal._Normal",
+    ]

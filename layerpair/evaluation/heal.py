@@ -80,7 +80,7 @@ class HealReport:
         }
 
 
-class _Normal:
+class Normal:
     """Accumulates FᵀF, FᵀT and TᵀT in float64 across chunks of calibration tokens."""
 
     def __init__(self) -> None:
@@ -114,7 +114,7 @@ class _Normal:
         w = W.double()
         return float((w * (self.G @ w)).sum() - 2 * (w * self.C).sum()) + self.tt
 
-    def __iadd__(self, other: _Normal) -> _Normal:
+    def __iadd__(self, other: Normal) -> Normal:
         assert other.G is not None and other.C is not None
         self.G = other.G if self.G is None else self.G + other.G
         self.C = other.C if self.C is None else self.C + other.C
@@ -122,7 +122,7 @@ class _Normal:
         return self
 
 
-def _solve(fit: _Normal, held: _Normal, W0: Tensor, damping: float | None) -> tuple[Tensor, float, float, float]:
+def _solve(fit: Normal, held: Normal, W0: Tensor, damping: float | None) -> tuple[Tensor, float, float, float]:
     """(W, damping used, rel err before, after) on all tokens. ``damping=None``: the DAMPING_GRID value whose
     fit on ``fit`` leaves the least residual on ``held`` (DEFAULT_DAMPING when nothing is held out)."""
     if damping is None:
@@ -135,7 +135,7 @@ def _solve(fit: _Normal, held: _Normal, W0: Tensor, damping: float | None) -> tu
     return W, damping, before, after
 
 
-def _mlp_act(layer: Layer, h: Tensor) -> Tensor:
+def mlp_act(layer: Layer, h: Tensor) -> Tensor:
     """silu(gate) * up of the MLP on its normed input: the features of down_proj [B,W,I]."""
     m: Any = layer.mlp
     x = layer.post_attention_layernorm(h)
@@ -165,7 +165,7 @@ def heal_pairs(
         raise InputError(f"heal damping must be positive, got {damping}", "pass e.g. 1e-2")
     say = progress or (lambda msg: None)
     pairs = tuple(sorted(pairs))
-    healed = _copy_with_pairs(dec, pairs)
+    healed = copy_with_pairs(dec, pairs)
     report = HealReport([list(p) for p in pairs], damping, target, int(calib_windows.numel()))
     if not pairs:
         return healed, report
@@ -224,11 +224,11 @@ class _Fits:
     held: list[bool]
     damping: float | None
 
-    def normals(self) -> tuple[_Normal, _Normal]:
-        return _Normal(), _Normal()
+    def normals(self) -> tuple[Normal, Normal]:
+        return Normal(), Normal()
 
 
-def _copy_with_pairs(dec: Decoder, pairs: Pairs) -> Decoder:
+def copy_with_pairs(dec: Decoder, pairs: Pairs) -> Decoder:
     """A Decoder running ``pairs`` with its own copy of ``dec``'s weights (healing rewrites them in place)."""
     healed = Decoder(dec.arch, pairs)
     src = dict(dec.named_parameters())
@@ -253,7 +253,7 @@ def _refit_o_proj(
         cb = attn_ctx(nb, nb.input_layernorm(x), c, dec.arch.window(b))
         y1 = run_block(dec, (a,), x, c)
         seq_attn = attention(la, x, c, dec.arch.window(a)) + attention(lb, y1, c, dec.arch.window(b))
-        (held if is_held else fit).add(torch.cat([ca, cb], -1), seq_attn - _obias(na) - _obias(nb))
+        (held if is_held else fit).add(torch.cat([ca, cb], -1), seq_attn - o_bias(na) - o_bias(nb))
         feats.append((ca, cb))
     q = feats[-1][0].shape[-1]
     W0 = torch.cat([na.self_attn.o_proj, nb.self_attn.o_proj], 0)
@@ -278,10 +278,10 @@ def _refit_down_proj(
     fit, held = fits.normals()
     for k, (x, c, is_held) in enumerate(zip(fits.xs, fits.ctxs, fits.held, strict=True)):
         ca, cb = feats[k]
-        h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + _obias(na) + _obias(nb)
+        h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + o_bias(na) + o_bias(nb)
         tgt = run_block(dec, (b,), run_block(dec, (a,), x, c), c) if global_targets is None else global_targets[k]
         (held if is_held else fit).add(
-            torch.cat([_mlp_act(na, h), _mlp_act(nb, h)], -1), tgt - h - _dbias(na) - _dbias(nb)
+            torch.cat([mlp_act(na, h), mlp_act(nb, h)], -1), tgt - h - down_bias(na) - down_bias(nb)
         )
     i_dim = dec.arch.intermediate_size
     W0 = torch.cat([na.mlp.down_proj, nb.mlp.down_proj], 0)
@@ -290,11 +290,11 @@ def _refit_down_proj(
     return damping, before, after
 
 
-def _obias(layer: Layer) -> Tensor | float:
+def o_bias(layer: Layer) -> Tensor | float:
     b = layer.self_attn.o_bias
     return 0.0 if b is None else b
 
 
-def _dbias(layer: Layer) -> Tensor | float:
+def down_bias(layer: Layer) -> Tensor | float:
     b = layer.mlp.down_bias
     return 0.0 if b is None else b
