@@ -162,18 +162,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def models_from_args(specs: Sequence[str]) -> dict[str, Path]:
+    """``NAME=DIR`` arguments -> {NAME: DIR}, each DIR holding a model.onnx (else exit with the offending one)."""
+    models = {}
+    for m in specs:
+        name, _, d = m.partition("=")
+        if not d or not (Path(d) / "model.onnx").is_file():
+            raise SystemExit(f"'{m}' is not NAME=DIR with DIR/model.onnx")
+        models[name] = Path(d)
+    return models
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
         plot([json.loads(Path(f).read_text()) for f in args.models], args.plot or args.out.with_suffix(".png"))
         return 0
-    models = {}
-    for m in args.models:
-        name, _, d = m.partition("=")
-        if not d or not (Path(d) / "model.onnx").is_file():
-            raise SystemExit(f"'{m}' is not NAME=DIR with DIR/model.onnx")
-        models[name] = Path(d)
-    doc = run(models, args.threads, args.prompt, args.steps, args.rounds, args.warmup)
+    doc = run(models_from_args(args.models), args.threads, args.prompt, args.steps, args.rounds, args.warmup)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, doc)
     if args.plot is not None:

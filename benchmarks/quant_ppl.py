@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import machine, now_utc, write_json
-from benchmarks.ort_decode import SessionDecoder
+from benchmarks.ort_decode import SessionDecoder, models_from_args
 
 DEFAULT_OUT = Path("benchmarks/results/quant_ppl/quant_ppl.json")
 SCHEMA = "layerpair-bench/quant-ppl/1"
@@ -81,10 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pair", action="append", default=[], help="A,B: also report ppl(B)/ppl(A)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
-    models = {m.partition("=")[0]: Path(m.partition("=")[2]) for m in a.models}
-    for name, d in models.items():
-        if not (d / "model.onnx").is_file():
-            raise SystemExit(f"'{name}={d}': no model.onnx there")
+    models = models_from_args(a.models)
     first = next(iter(models.values()))
     tok_dir = a.tokenizer or (first / "tokenizer" if (first / "tokenizer").is_dir() else first)
     windows = tokenize(a.text.read_text(), tok_dir, a.tokens, a.window)
