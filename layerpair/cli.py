@@ -203,7 +203,7 @@ def _quant_lines(report: dict) -> list[str]:
     if not rq:
         return []
     val, tol = rq["validation"], rq["tolerance"]
-    exact = max(c["max_abs"] for c in val["accuracy_level_0"].values())  # NaN never reaches here: it fails first
+    exact = _worst([c["max_abs"] for c in val["accuracy_level_0"].values()])
     lines = [
         f"  --quant int{rq['bits']}: {rq['matmuls_quantized']} MatMuls -> MatMulNBits (block {rq['block_size']}, "
         f"symmetric, accuracy level {rq['accuracy_level']}); tied LM head "
@@ -214,7 +214,7 @@ def _quant_lines(report: dict) -> list[str]:
     ]
     shipped = val.get(f"accuracy_level_{rq['accuracy_level']}")
     if rq["accuracy_level"] not in (0, 1) and shipped:
-        rel = max(c["max_rel"] for c in shipped.values())
+        rel = _worst([c["max_rel"] for c in shipped.values()])
         top1 = min(c["top1"] for c in shipped.values())
         bound = tol["int8_activations_max_rel"]
         lines.append(f"  as shipped (int8 activations): logits max_rel {rel:.3f} (<= {bound:g}), top1 {top1:.3f}")
