@@ -133,3 +133,16 @@ def test_bad_quant_flags_are_one_line_errors(extra: list[str], msg: str, tmp_pat
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
     assert not out.exists()
+
+
+def test_the_int8_activation_bound_fails_above_it_and_on_nan() -> None:
+    import math
+
+    from layerpair.exporter.validate import Agreement
+    from layerpair.pipeline import _normwise
+
+    assert _normwise({"prefill": Agreement(max_rel=0.05)}, q.ACTIVATION_INT8_REL) == []
+    assert _normwise({"prefill": Agreement(max_rel=0.2)}, q.ACTIVATION_INT8_REL) == [
+        "prefill: logits max_rel 0.2 > 0.1"
+    ]
+    assert _normwise({"padded": Agreement(max_rel=math.nan)}, q.ACTIVATION_INT8_REL)[0].startswith("padded: logits")
