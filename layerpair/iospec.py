@@ -61,6 +61,11 @@ class IOSpec:
     arch: ArchSpec
     slots: tuple[CacheSlot, ...]
     dtype: str = "float32"
+    #: Where rotary takes a token's position: "position_ids" (the input, as given: every graph but one) or
+    #: "cache_index" (its index in the cache: ``--target ort --ort-rotary gqa``, graph_passes/gqa_packed_rotary.py).
+    #: The logits agree whenever position_ids = cache index - a constant per row (left padding included); the
+    #: cached keys of a row with leading masked slots then differ by that rotation (validation skips them).
+    rotary_positions: str = "position_ids"
 
     @classmethod
     def for_model(

@@ -16,7 +16,7 @@ import platform
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class ExportOptions:
     validation: str = "auto"  # "whole" | "windowed" | "auto" (whole when it fits in memory)
     window_gb: float = 1.0  # windowed validation: fp32 weight bytes per window (at least one block)
     target: str = "portable"  # "ort": ONNX Runtime's fused contrib ops (graph_passes/ort_target.py)
+    ort_rotary: str = "auto"  # --target ort: "gqa"/"auto" rotate inside GroupQueryAttention (cache-index positions)
     quant: str | None = None  # --quant int4|int8: MatMulNBits weights (--target ort; graph_passes/quantize.py)
     quant_block: int = 32
     quant_accuracy: int = 4  # MatMulNBits accuracy_level: 4 = int8 activations (the genai builder's CPU default)
@@ -217,7 +218,7 @@ def _whole_stages(
         spec, onnx_info, merge_info, typed_check = _merge_stages(exported, ckpt, spec, validate, tmp, meter)
     else:
         with meter("export"):
-            model = for_target(build_model(exported, opts.opset), spec, opts, merge_info, progress)
+            model, spec = for_target(build_model(exported, opts.opset), spec, opts, merge_info, progress)
             onnx_info = write_onnx(model, tmp / "model.onnx", opts, pairs, progress)
     del exported  # the session below maps the written weights: never next to a PyTorch copy (unless ``kept``)
     typed.decoder = None if kept is None else typed.decoder
@@ -277,7 +278,7 @@ def _merge_stages(
     with meter("merge"):
         graph = build_model(dec, opts.opset)
         merged, merged_spec, merge_info = merge_in_memory(graph, ckpt.arch, pairs, spec.dtype, say)
-        merged = for_target(merged, merged_spec, opts, merge_info, say)
+        merged, merged_spec = for_target(merged, merged_spec, opts, merge_info, say)
     unmerged = build_model(dec, opts.opset)
 
     def write() -> dict[str, Any]:
@@ -412,20 +413,27 @@ def _normwise(agreement: dict[str, Agreement], rel: float) -> list[str]:
     return bad
 
 
-def for_target(model: ir.Model, spec: IOSpec, opts: ExportOptions, info: dict[str, Any], say: Progress) -> ir.Model:
+def for_target(
+    model: ir.Model, spec: IOSpec, opts: ExportOptions, info: dict[str, Any], say: Progress
+) -> tuple[ir.Model, IOSpec]:
     """``--target ort``: ``model`` rewritten with ONNX Runtime's fused ops (report section ``ort_target`` added to
-    ``info``); the portable target returns it as it is."""
+    ``info``) and its spec (``rotary_positions``); the portable target returns both as they are."""
     if opts.target != "ort":
-        return model
+        return model, spec
     from layerpair.graph_passes.ort_target import to_ort
 
     say("--target ort: fusing attention (GroupQueryAttention), rotary and norms into ONNX Runtime contrib ops")
-    model, rep = to_ort(model, spec)
-    fused = rep["attention_fused"]
+    model, rep = to_ort(model, spec, opts.ort_rotary)
+    fused, rot = rep["attention_fused"], rep["rotary"]
+    how = (
+        " (GroupQueryAttention rotates packed QKV; --ort-rotary separate honours position_ids as given)"
+        if rot["positions"] == "cache_index"
+        else f" (RotaryEmbedding ops: {rot.get('why_separate', '')})"
+    )
     say(f"fused {fused['layers']} layers and {fused['pairs']} merged pairs; nodes {rep['nodes_before']} -> "
-        f"{rep['nodes_after']}")  # fmt: skip
+        f"{rep['nodes_after']}; rotary at {rot['positions']}{how}")  # fmt: skip
     info["ort_target"] = rep
-    return model
+    return model, replace(spec, rotary_positions=rot["positions"])
 
 
 def merge_in_memory(

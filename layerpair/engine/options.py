@@ -17,6 +17,9 @@ DTYPE_FLAGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: ``--target``: ``portable`` (standard ONNX ops; TensorRT parses it) or ``ort`` (ONNX Runtime's fused contrib ops,
 #: layerpair/graph_passes/ort_target.py).
 TARGETS = ("portable", "ort")
+#: ``--ort-rotary``: "gqa" (GroupQueryAttention rotates packed QKV, at cache-index positions; by default where it
+#: can) or "separate" (RotaryEmbedding before it, position_ids as given). See graph_passes/gqa_packed_rotary.py.
+ORT_ROTARY = ("gqa", "separate")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -60,9 +63,14 @@ def preflight_from_argv(argv: Sequence[str]) -> None:
         EngineLimits(args.max_batch, args.max_seq, args.max_context).check()
 
 
-def check_target(target: str, trt: bool, dtype: str) -> None:
-    """``--target ort`` is an ONNX Runtime graph (contrib ops TensorRT cannot parse), fp32 only for now."""
+def check_target(target: str, trt: bool, dtype: str, ort_rotary: str | None = None) -> None:
+    """``--target ort`` is an ONNX Runtime graph (contrib ops TensorRT cannot parse), fp32 only for now;
+    ``--ort-rotary`` belongs to it."""
     if target != "ort":
+        if ort_rotary is not None:
+            raise InputError(
+                f"--ort-rotary {ort_rotary} only applies to --target ort", "add --target ort, or drop --ort-rotary"
+            )
         return
     if trt:
         raise InputError(

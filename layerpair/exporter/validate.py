@@ -66,6 +66,10 @@ class Agreement:
     positions: int = 0
     max_abs_at: str = ""
     present_max_abs_at: str = ""
+    #: (step, row) pairs whose *key* cache was not compared: ours rotates at cache index and the row's
+    #: position_ids are not its cache indices (left padding), so its keys are rotated otherwise by design
+    #: (IOSpec.rotary_positions). Their values and the logits that read them are compared.
+    keys_not_compared: int = 0
     _agree: int = field(default=0, repr=False)
 
     def update(
@@ -95,10 +99,20 @@ class Agreement:
         self.top1 = self._agree / max(self.positions, 1)
 
     def update_present(
-        self, ours: Sequence[np.ndarray], ref: Sequence[np.ndarray], where: str = "", names: Sequence[str] = ()
+        self,
+        ours: Sequence[np.ndarray],
+        ref: Sequence[np.ndarray],
+        where: str = "",
+        names: Sequence[str] = (),
+        key_rows: np.ndarray | None = None,
     ) -> None:
-        """Per-layer K/V [B,KVH,T,D] in ``per_layer`` order (names default to ``layer i key|value``)."""
+        """Per-layer K/V [B,KVH,T,D] in ``per_layer`` order (names default to ``layer i key|value``); ``key_rows``
+        (bool [B]): the rows whose keys are compared (default all; values always are)."""
+        if key_rows is not None:
+            self.keys_not_compared += int((~key_rows).sum())
         for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
+            if key_rows is not None and i % 2 == 0:
+                o, r = o[key_rows], r[key_rows]
             if not o.size:
                 continue
             diff = np.abs(o.astype(np.float64) - r.astype(np.float64))
@@ -272,7 +286,17 @@ class _Pair:
         lo, self.po = self.ours.step(ids, mask, pos, self.po)
         valid = mask[:, -ids.shape[1] :].astype(bool)
         agr.update(lo, self.lr, valid, where, pos)
-        agr.update_present(per_layer(self.po, self.ours_spec), per_layer(self.pr, self.ref_spec), where)
+        po, pr = per_layer(self.po, self.ours_spec), per_layer(self.pr, self.ref_spec)
+        agr.update_present(po, pr, where, key_rows=self._key_rows(mask, pos))
+
+    def _key_rows(self, mask: np.ndarray, pos: np.ndarray) -> np.ndarray | None:
+        """Rows whose cached keys both sides rotate alike: all, unless ours rotates at cache index; then the rows
+        whose every position, cached or new, is its cache index (a row with leading masked slots is not)."""
+        if self.ours_spec.rotary_positions != "cache_index":
+            return None
+        T, S = mask.shape[1], pos.shape[1]
+        index_BS = np.broadcast_to(np.arange(T - S, T), pos.shape)
+        return np.asarray(mask[:, : T - S].all(1) & ((pos == index_BS) | ~mask[:, T - S :].astype(bool)).all(1))
 
     def greedy(self) -> np.ndarray:
         return self.lr[:, -1:].argmax(-1).astype(np.int64)

@@ -8,6 +8,11 @@ in order:
    nothing: a slot it leaves alone fails the export (``GraphPassError``) with the pass's reason.
 2. ``MergeSiblingMatMulsPass`` over the whole graph (no scope): each layer's q/k/v projections become one packed
    QKV MatMul and its gate/up projections one MatMul (a merged pair's already are), as the genai builder packs QKV.
+2b. ``PackedRotaryGqaPass`` (``gqa_packed_rotary.py``): GQA reads that packed QKV and rotates q and k itself at
+   cache-index positions (Split and both RotaryEmbeddings gone), on every attention or on none. ``rotary``:
+   "auto" (the default) does so where every attention allows it (not Qwen3: its per-head q/k norm sits between)
+   and otherwise keeps the RotaryEmbeddings, saying why; "gqa" fails instead; "separate" keeps them (they read
+   ``position_ids`` as given).
 3. ``ScaleUnitNormsPass``: a merged pair's unit-scale norms get an all-ones scale, so that step 4 matches them.
 4. ``OrtFusionPass``: onnxscript's ``optimize_for_ort`` on what is left — RMSNorm into
    ``SimplifiedLayerNormalization``, residual + RMSNorm into ``SkipSimplifiedLayerNormalization`` (its own attention
@@ -30,6 +35,7 @@ import onnx_ir.passes.common as common
 from layerpair.graph_passes.base import FIRED, CountingPass, GraphPassError
 from layerpair.graph_passes.cleanup import CleanupPass
 from layerpair.graph_passes.fuse_gqa import FuseGroupQueryAttentionPass
+from layerpair.graph_passes.gqa_packed_rotary import PackedRotaryGqaPass, check_site
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
 from layerpair.graph_passes.scale_unit_norms import ScaleUnitNormsPass
 from layerpair.iospec import IOSpec
@@ -69,7 +75,7 @@ class OrtFusionPass(CountingPass):
         return ir.passes.PassResult(model, modified=self.fired > 0)
 
 
-def to_ort(model: ir.Model, spec: IOSpec) -> tuple[ir.Model, dict[str, Any]]:
+def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto") -> tuple[ir.Model, dict[str, Any]]:
     """Rewrite ``model`` (in place) for ONNX Runtime; the report's ``ort_target`` section.
 
     Raises ``GraphPassError`` naming each cache slot whose attention was not fused, and why, or when the I/O
@@ -88,6 +94,7 @@ def to_ort(model: ir.Model, spec: IOSpec) -> tuple[ir.Model, dict[str, Any]]:
         )
     packed = MergeSiblingMatMulsPass()  # after the attention fusion: GQA reads the q/k/v pieces of the split
     packed(model)
+    rotated, why_not = _pack_rotary(model, spec, rotary)
     ones = ScaleUnitNormsPass()
     ones(model)
     _reinfer_shapes(model)  # onnxscript's norm fusions check [B,S,D] shapes
@@ -102,6 +109,8 @@ def to_ort(model: ir.Model, spec: IOSpec) -> tuple[ir.Model, dict[str, Any]]:
         "target": "ort",
         "attention_fused": {"layers": len(spec.slots) - pairs, "pairs": pairs, "slots": gqa.fired},
         "packed_matmuls": packed.fired,
+        "rotary": {"mode": rotary, "positions": "cache_index" if rotated else "position_ids", "in_gqa": rotated}
+        | ({"why_separate": why_not} if why_not else {}),
         "scaled_unit_norms": ones.fired,
         "ort_fusions": fusions.fusions,
         "nodes_before": nodes_before,
@@ -110,6 +119,28 @@ def to_ort(model: ir.Model, spec: IOSpec) -> tuple[ir.Model, dict[str, Any]]:
         "contrib_ops": {op: n for op, n in sorted(ops.items()) if _is_contrib(g, op)},
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _pack_rotary(model: ir.Model, spec: IOSpec, rotary: str) -> tuple[int, str]:
+    """``PackedRotaryGqaPass`` on every attention or on none (a graph rotates at one kind of position): (how many,
+    why none). ``auto`` falls back to the separate rotary with the reason; ``gqa`` (asked for) fails instead."""
+    if rotary == "separate":
+        return 0, "--ort-rotary separate"
+    sites = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    why = [f"{n.name}: {r}" for n in sites if isinstance(r := check_site(n), str)]
+    if why and rotary == "gqa":
+        raise GraphPassError(
+            f"--ort-rotary gqa: {len(why)} of {len(spec.slots)} attentions cannot take packed QKV with their own "
+            "rotary: " + "; ".join(why),
+            "drop --ort-rotary (auto: RotaryEmbedding where GroupQueryAttention cannot rotate) and report this model",
+        )
+    if why:
+        return 0, "; ".join(why)
+    rot = PackedRotaryGqaPass()
+    rot(model)
+    if rot.fired != len(spec.slots):  # check_site accepted every one: a bug, not the user's model
+        raise GraphPassError(f"PackedRotaryGqaPass fired on {rot.fired} of {len(spec.slots)}", "report this model")
+    return rot.fired, ""
 
 
 def _reinfer_shapes(model: ir.Model) -> None:

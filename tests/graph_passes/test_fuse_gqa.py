@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,9 @@ from tests.graph_passes.conftest import PAIR, TinyExport
 ATOL = 1e-5
 
 
-def _ort(ex: TinyExport, merged: bool) -> tuple[ir.Model, ir.Model, IOSpec, dict]:
-    """(unfused, fused, spec, to_ort report): the tiny export, merged or not, then rewritten for ONNX Runtime."""
+def _ort(ex: TinyExport, merged: bool, rotary: str = "gqa") -> tuple[ir.Model, ir.Model, IOSpec, dict]:
+    """(unfused, fused, spec, to_ort report): the tiny export, merged or not, then rewritten for ONNX Runtime; the
+    spec is the fused graph's (``rotary_positions`` as the report says)."""
     pairs = [PAIR] if merged else []
     spec = IOSpec.for_model(ex.arch, pairs, merged=merged)
     unfused = ir.load(str(ex.path))
@@ -36,23 +38,36 @@ def _ort(ex: TinyExport, merged: bool) -> tuple[ir.Model, ir.Model, IOSpec, dict
     fused = ir.load(str(ex.path))
     if merged:
         fused, _ = merge_pairs(fused, ex.arch, pairs)
-    fused, report = to_ort(fused, spec)
-    return unfused, fused, spec, report
+    fused, report = to_ort(fused, spec, rotary)
+    return unfused, fused, replace(spec, rotary_positions=report["rotary"]["positions"]), report
 
 
+@pytest.mark.parametrize("rotary", ["gqa", "separate"])
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fires_on_every_layer_and_pair_and_matches_unfused(
-    arch: str, merged: bool, tiny_pair_exports: dict[str, TinyExport], tmp_path: Path
+    arch: str, merged: bool, rotary: str, tiny_pair_exports: dict[str, TinyExport], tmp_path: Path
 ) -> None:
+    """Both rotary forms. ``gqa``: GroupQueryAttention reads packed QKV and rotates at cache index; its keys of
+    left-padded rows are rotated otherwise by design, so the comparison skips those (and says how many)."""
     ex = tiny_pair_exports[arch]
-    unfused, fused, spec, report = _ort(ex, merged)
+    if rotary == "gqa" and arch == "qwen3":  # per-head q/k norm between the Split and the rotary: asked, refused
+        with pytest.raises(GraphPassError, match=r"cannot take packed QKV.*drop --ort-rotary"):
+            _ort(ex, merged, rotary)
+        rotary = "auto"  # and the default falls back, saying why
+    unfused, fused, spec, report = _ort(ex, merged, rotary)
     pairs = 1 if merged else 0
     assert report["attention_fused"] == {"layers": 4 - 2 * pairs, "pairs": pairs, "slots": 4 - pairs}
     assert report["packed_matmuls"] == 2 * (4 - 2 * pairs)  # q/k/v and gate/up of each single layer
+    in_gqa = len(spec.slots) if rotary == "gqa" else 0
+    positions = "cache_index" if in_gqa else "position_ids"
+    assert {k: v for k, v in report["rotary"].items() if k != "why_separate"} == {
+        "mode": rotary, "positions": positions, "in_gqa": in_gqa}  # fmt: skip
+    assert ("why_separate" in report["rotary"]) is (in_gqa == 0)
     ops = Counter((n.domain, n.op_type) for n in fused.graph)
     assert ops[("com.microsoft", "GroupQueryAttention")] == len(spec.slots)
-    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * len(spec.slots)
+    assert ops[("com.microsoft", "RotaryEmbedding")] == 2 * len(spec.slots) - 2 * in_gqa
+    assert sum(n.attributes["do_rotary"].as_int() for n in fused.graph if n.op_type == "GroupQueryAttention") == in_gqa
     assert ops[("", "Softmax")] == 0 and report["nodes_after"] < report["nodes_before"]
     # residual Adds go into the norms after them (shapes re-inferred through the contrib ops): all 6 when merged;
     # unmerged, the pair's two branches (three-term residual sums) leave only 4 in the usual form
@@ -65,6 +80,9 @@ def test_fires_on_every_layer_and_pair_and_matches_unfused(
     res = compare_runners(ours, spec, OrtRunner(unfused, spec, threads=1), spec)
     assert within_tolerance(res, ATOL) == []  # logits and every present, pad positions included
     assert res["padded"].positions > 0 and res["chunked"].positions > 0
+    # gqa: the padded batch's second row (3 steps) and the chunk after a masked slot (1 step) keep other keys
+    assert res["padded"].keys_not_compared == (3 if in_gqa else 0)
+    assert res["chunked"].keys_not_compared == (1 if in_gqa else 0)
     res = compare_runners(ours, spec, TorchRunner(ex.dec), ex.dec.io)  # and the PyTorch pair-parallel model
     assert within_tolerance(res, 1e-4) == []
 
@@ -120,6 +138,16 @@ def test_target_ort_with_trt_is_an_input_error(tmp_path: Path) -> None:
         assert not out.exists()
 
 
+def test_ort_rotary_without_target_ort_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from layerpair.cli import main
+
+    out = tmp_path / "out"
+    assert main(["smollm2-135m", "--pairs", "none", "--ort-rotary", "gqa", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --ort-rotary gqa only applies to --target ort — add --target ort, or drop --ort-rotary"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("pairs", [["--pairs", "1-2"], ["--pairs", "none"], ["--pairs", "1-2", "--no-merge"]])
 def test_cli_target_ort_exports_a_validated_fused_graph(
     pairs: list[str], tiny_checkpoints: dict[str, Path], tmp_path: Path
@@ -140,6 +168,9 @@ def test_cli_target_ort_exports_a_validated_fused_graph(
     assert report["target"] == "ort" and report.get("merged", False) is merged
     assert report["ort_target"]["attention_fused"] == {"layers": 2 if merged else 4, "pairs": int(merged),
                                                        "slots": 3 if merged else 4}  # fmt: skip
+    rotary = report["ort_target"]["rotary"]  # the default: GroupQueryAttention rotates (cache-index positions)
+    assert rotary == {"mode": "auto", "positions": "cache_index", "in_gqa": 3 if merged else 4}
+    assert report["agreement"]["padded"]["keys_not_compared"] == 3
     assert report["tolerance"] == {"logits_max_abs": ORT_TARGET_ATOL, "present_max_abs": ORT_TARGET_ATOL}
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     assert [v.name for v in graph.input] == [t["name"] for t in report["io"]["inputs"]]
