@@ -18,6 +18,8 @@ in order:
    ``SimplifiedLayerNormalization``, residual + RMSNorm into ``SkipSimplifiedLayerNormalization`` (its own attention
    fusions find nothing: the attention is fused already).
 5. ``CleanupPass`` (dead nodes, constants, order, shape inference).
+6. ``DropUnusedNormStatsPass`` (``unused_norm_outputs.py``): the fused norms' unread mean / inv_std_var outputs
+   are left unnamed, so ONNX Runtime does not compute them.
 
 The I/O is unchanged (the one I/O spec): GQA's extra inputs are computed inside the graph from ``attention_mask``
 (through the exporter's keep mask) and ``position_ids``.
@@ -38,6 +40,7 @@ from layerpair.graph_passes.fuse_gqa import FuseGroupQueryAttentionPass
 from layerpair.graph_passes.gqa_packed_rotary import PackedRotaryGqaPass, check_site
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
 from layerpair.graph_passes.scale_unit_norms import ScaleUnitNormsPass
+from layerpair.graph_passes.unused_norm_outputs import DropUnusedNormStatsPass
 from layerpair.iospec import IOSpec
 
 #: fp32 bound (logits and caches, max abs) a ``--target ort`` export is validated to against PyTorch, instead of
@@ -101,6 +104,8 @@ def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto") -> tuple[ir.Mode
     fusions = OrtFusionPass()
     fusions(model)
     CleanupPass()(model)
+    stats = DropUnusedNormStatsPass()  # last: a later pass could name the outputs again
+    stats(model)
     if ([v.name for v in g.inputs], [v.name for v in g.outputs]) != io_before:
         raise GraphPassError("--target ort changed the graph's inputs/outputs", "report this model as a bug")
     pairs = sum(len(s.layers) == 2 for s in spec.slots)
@@ -113,6 +118,7 @@ def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto") -> tuple[ir.Mode
         | ({"why_separate": why_not} if why_not else {}),
         "scaled_unit_norms": ones.fired,
         "ort_fusions": fusions.fusions,
+        "unread_norm_stats_dropped": stats.fired,
         "nodes_before": nodes_before,
         "nodes_after": len(g),
         "atol_floor": ORT_TARGET_ATOL,

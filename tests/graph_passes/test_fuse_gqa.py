@@ -72,6 +72,9 @@ def test_fires_on_every_layer_and_pair_and_matches_unfused(
     # residual Adds go into the norms after them (shapes re-inferred through the contrib ops): all 6 when merged;
     # unmerged, the pair's two branches (three-term residual sums) leave only 4 in the usual form
     assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == (6 if merged else 4)
+    skips = [n for n in fused.graph if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert all(not o.name for n in skips for o in n.outputs[1:3])  # unread statistics: not computed
+    assert report["unread_norm_stats_dropped"] >= 2 * len(skips)
     assert [v.name for v in fused.graph.inputs] == spec.input_names
     assert [v.name for v in fused.graph.outputs] == spec.output_names
     path = tmp_path / "fused.onnx"
