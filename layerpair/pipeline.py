@@ -423,7 +423,7 @@ def for_target(
     from layerpair.graph_passes.ort_target import to_ort
 
     say("--target ort: fusing attention (GroupQueryAttention), rotary and norms into ONNX Runtime contrib ops")
-    model, rep = to_ort(model, spec, opts.ort_rotary)
+    model, rep = to_ort(model, spec, opts.ort_rotary, untie=opts.quant is None)  # --quant unties its own way
     fused, rot = rep["attention_fused"], rep["rotary"]
     how = (
         " (GroupQueryAttention rotates packed QKV; --ort-rotary separate honours position_ids as given)"

@@ -13,6 +13,8 @@ in order:
    "auto" (the default) does so where every attention allows it (not Qwen3: its per-head q/k norm sits between)
    and otherwise keeps the RotaryEmbeddings, saying why; "gqa" fails instead; "separate" keeps them (they read
    ``position_ids`` as given).
+2c. ``UntieHeadPass`` (``untie_head.py``; ``untie=True``, not before ``--quant``): a tied LM head's Gemm on the
+   embedding becomes a MatMul on its own transposed copy (+V*E*4 bytes on disk).
 3. ``ScaleUnitNormsPass``: a merged pair's unit-scale norms get an all-ones scale, so that step 4 matches them.
 4. ``OrtFusionPass``: onnxscript's ``optimize_for_ort`` on what is left — RMSNorm into
    ``SimplifiedLayerNormalization``, residual + RMSNorm into ``SkipSimplifiedLayerNormalization`` (its own attention
@@ -40,6 +42,7 @@ from layerpair.graph_passes.fuse_gqa import FuseGroupQueryAttentionPass
 from layerpair.graph_passes.gqa_packed_rotary import PackedRotaryGqaPass, check_site
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
 from layerpair.graph_passes.scale_unit_norms import ScaleUnitNormsPass
+from layerpair.graph_passes.untie_head import UntieHeadPass
 from layerpair.graph_passes.unused_norm_outputs import DropUnusedNormStatsPass
 from layerpair.iospec import IOSpec
 
@@ -78,7 +81,7 @@ class OrtFusionPass(CountingPass):
         return ir.passes.PassResult(model, modified=self.fired > 0)
 
 
-def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto") -> tuple[ir.Model, dict[str, Any]]:
+def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto", untie: bool = True) -> tuple[ir.Model, dict[str, Any]]:
     """Rewrite ``model`` (in place) for ONNX Runtime; the report's ``ort_target`` section.
 
     Raises ``GraphPassError`` naming each cache slot whose attention was not fused, and why, or when the I/O
@@ -98,6 +101,9 @@ def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto") -> tuple[ir.Mode
     packed = MergeSiblingMatMulsPass()  # after the attention fusion: GQA reads the q/k/v pieces of the split
     packed(model)
     rotated, why_not = _pack_rotary(model, spec, rotary)
+    head = UntieHeadPass()
+    if untie:  # not before --quant: its own untie_head quantizes the copy (or keeps the Gemm for --quant-fp32-head)
+        head(model)
     ones = ScaleUnitNormsPass()
     ones(model)
     _reinfer_shapes(model)  # onnxscript's norm fusions check [B,S,D] shapes
@@ -119,6 +125,7 @@ def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto") -> tuple[ir.Mode
         "scaled_unit_norms": ones.fired,
         "ort_fusions": fusions.fusions,
         "unread_norm_stats_dropped": stats.fired,
+        "lm_head_untied": head.fired,
         "nodes_before": nodes_before,
         "nodes_after": len(g),
         "atol_floor": ORT_TARGET_ATOL,
