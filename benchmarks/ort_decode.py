@@ -111,11 +111,34 @@ def run(models: dict[str, Path], threads: int, prompt_len: int, steps: int, roun
     }
 
 
+def paired_ratios(doc: dict[str, Any], pairs: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``A/B`` -> B's time over A's, round by round (the rounds are interleaved, so each ratio compares the two
+    under the same machine state): how much faster A decodes than B. Median and quartiles of those ratios, and
+    the ratio of the two medians for comparison. NaN-keeping (numpy), so a NaN sample shows."""
+    out = {}
+    for p in pairs:
+        a, _, b = p.partition("/")
+        sa, sb = (np.asarray(doc["models"][n]["ms_per_token"]["samples"], np.float64) for n in (a, b))
+        r = sb / sa
+        out[p] = {
+            "median": float(np.median(r)),
+            "q25": float(np.quantile(r, 0.25)),
+            "q75": float(np.quantile(r, 0.75)),
+            "ratio_of_medians": float(np.median(sb) / np.median(sa)),
+            "rounds": int(r.size),
+        }
+    return out
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = ["| graph | nodes | ms per decode token (median) | q25–q75 |", "|---|---:|---:|---:|"]
     for name, r in doc["models"].items():
         ms = r["ms_per_token"]
         lines.append(f"| {name} | {r['nodes']} | {ms['median']:.1f} | {ms['q25']:.1f}–{ms['q75']:.1f} |")
+    if doc.get("speedups"):
+        lines += ["", "| A vs B | B/A per round, median | q25–q75 | median B / median A |", "|---|---:|---:|---:|"]
+        for p, s in doc["speedups"].items():
+            lines.append(f"| {p} | {s['median']:.3f}x | {s['q25']:.3f}–{s['q75']:.3f} | {s['ratio_of_medians']:.3f}x |")
     return "\n".join(lines)
 
 
@@ -159,6 +182,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--plot", type=Path, default=None, help="also draw OUT.png; with --replot, the JSON files given")
     p.add_argument("--replot", action="store_true", help="MODELS are JSON files of earlier runs: only draw --plot")
+    p.add_argument(
+        "--speedup",
+        action="append",
+        default=[],
+        metavar="A/B",
+        help="also report how much faster A decodes than B, round by round (repeatable), e.g. ort-lp/genai",
+    )
     return p.parse_args(argv)
 
 
@@ -178,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replot:
         plot([json.loads(Path(f).read_text()) for f in args.models], args.plot or args.out.with_suffix(".png"))
         return 0
-    doc = run(models_from_args(args.models), args.threads, args.prompt, args.steps, args.rounds, args.warmup)
+    models = models_from_args(args.models)
+    for p in args.speedup:
+        if p.count("/") != 1 or not set(p.split("/")) <= set(models):
+            raise SystemExit(f"--speedup '{p}' is not A/B with A and B among the models {sorted(models)}")
+    doc = run(models, args.threads, args.prompt, args.steps, args.rounds, args.warmup)
+    doc["speedups"] = paired_ratios(doc, args.speedup)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, doc)
     if args.plot is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
+import pytest
 
 from benchmarks.ort_decode import SCHEMA, main
 from layerpair.arch import ArchSpec
@@ -24,14 +26,28 @@ def test_times_portable_and_ort_exports_side_by_side(tmp_path: Path) -> None:
     save_model(fused, tmp_path / "ort" / "model.onnx", external_data=True)
     out = tmp_path / "res" / "ort_decode.json"
     argv = [f"portable={tmp_path / 'portable'}", f"ort={tmp_path / 'ort'}", "--prompt", "8", "--steps", "3"]
+    argv += ["--speedup", "ort/portable"]
     assert main([*argv, "--rounds", "2", "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
+    s = {n: np.array(doc["models"][n]["ms_per_token"]["samples"]) for n in ("ort", "portable")}
+    assert doc["speedups"]["ort/portable"]["median"] == float(np.median(s["portable"] / s["ort"]))
     assert doc["schema"] == SCHEMA and set(doc["models"]) == {"portable", "ort"}
     assert doc["settings"] == {"threads": 1, "batch": 1, "prompt": 8, "steps": 3, "rounds": 2}
     for row in doc["models"].values():
         assert row["ms_per_token"]["n"] == 2 and row["ms_per_token"]["median"] > 0
     assert doc["models"]["ort"]["nodes"] < doc["models"]["portable"]["nodes"]
     assert len(doc["load_average_start"]) == 3
+
+
+def test_paired_ratios_keep_a_nan_and_a_bad_pair_is_refused(tmp_path: Path) -> None:
+    from benchmarks.ort_decode import paired_ratios
+
+    doc = {"models": {n: {"ms_per_token": {"samples": v}} for n, v in (("a", [1.0, float("nan")]), ("b", [2.0, 2.0]))}}
+    assert np.isnan(paired_ratios(doc, ["a/b"])["a/b"]["median"])
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.onnx").write_bytes(b"")
+    with pytest.raises(SystemExit, match="--speedup 'm/x' is not A/B"):
+        main([f"m={tmp_path / 'm'}", "--speedup", "m/x", "--out", str(tmp_path / "o.json")])
 
 
 def test_replot_draws_from_the_json_files(tmp_path: Path) -> None:
