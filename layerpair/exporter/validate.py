@@ -13,10 +13,13 @@ ONNX Runtime, PyTorch's into PyTorch), so a cache bug accumulates instead of hid
 
 Metrics on logits: ``max_abs``; ``max_rel`` = max_abs / max|reference| (normwise — elementwise relative error
 is meaningless for logits near zero); ``top1`` = fraction of positions whose argmax agrees. Logits at pad
-positions are excluded (they are well-defined but meaningless). ``present_max_abs`` covers every present
-tensor at every position. A NaN or inf in either runtime's logits or caches is an error of NaN or inf, which
-fails any tolerance; ``max_abs_at`` / ``present_max_abs_at`` name the output, step and position of the worst
-error.
+positions are excluded (they are well-defined but meaningless), and so are cache entries at positions the mask
+drops (left padding, a masked first slot): every later step masks them too, so a finite value there cannot change
+a real position's output (the fill absorbs its score; its softmax weight is 0). They are computed by attention rows
+that see no key at all, where kernels legitimately differ (GroupQueryAttention's causal rows). ``present_max_abs``
+covers every present tensor at every position the mask keeps. A NaN or inf in either runtime's logits or compared
+caches is an error of NaN or inf, which fails any tolerance; ``max_abs_at`` / ``present_max_abs_at`` name the
+output, step and position of the worst error.
 """
 
 from __future__ import annotations
@@ -105,17 +108,21 @@ class Agreement:
         where: str = "",
         names: Sequence[str] = (),
         key_rows: np.ndarray | None = None,
+        kept_BT: np.ndarray | None = None,
     ) -> None:
-        """Per-layer K/V [B,KVH,T,D] in ``per_layer`` order (names default to ``layer i key|value``); ``key_rows``
-        (bool [B]): the rows whose keys are compared (default all; values always are)."""
+        """Per-layer K/V [B,KVH,T,D] in ``per_layer`` order (names default to ``layer i key|value``). ``kept_BT``
+        (bool [B,T], default all): the cache positions the attention mask keeps — a dropped one is never read again
+        (every later step masks it too), so it is not compared. ``key_rows`` (bool [B], default all): the rows whose
+        keys are compared (values always are)."""
         if key_rows is not None:
             self.keys_not_compared += int((~key_rows).sum())
         for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
-            if key_rows is not None and i % 2 == 0:
-                o, r = o[key_rows], r[key_rows]
             if not o.size:
                 continue
             diff = np.abs(o.astype(np.float64) - r.astype(np.float64))
+            compared = _compared(o.shape, kept_BT, key_rows if i % 2 == 0 else None)
+            if compared is not None:
+                diff = np.where(compared, diff, 0.0)
             idx = int(np.argmax(diff))
             err = float(diff.flat[idx])
             if worse(err, self.present_max_abs):
@@ -131,6 +138,15 @@ class Agreement:
         d = asdict(self)
         d.pop("_agree")
         return d
+
+
+def _compared(shape: tuple[int, ...], kept_BT: np.ndarray | None, rows_B: np.ndarray | None) -> np.ndarray | None:
+    """Which entries of a [B,KVH,T,D] cache tensor are compared (broadcastable bool), or None for all."""
+    out = None if kept_BT is None else np.asarray(kept_BT, bool)[:, None, -shape[2] :, None]
+    if rows_B is not None:
+        rows = np.asarray(rows_B, bool)[:, None, None, None]
+        out = rows if out is None else out & rows
+    return out
 
 
 class Runner:
@@ -287,7 +303,7 @@ class _Pair:
         valid = mask[:, -ids.shape[1] :].astype(bool)
         agr.update(lo, self.lr, valid, where, pos)
         po, pr = per_layer(self.po, self.ours_spec), per_layer(self.pr, self.ref_spec)
-        agr.update_present(po, pr, where, key_rows=self._key_rows(mask, pos))
+        agr.update_present(po, pr, where, key_rows=self._key_rows(mask, pos), kept_BT=mask.astype(bool))
 
     def _key_rows(self, mask: np.ndarray, pos: np.ndarray) -> np.ndarray | None:
         """Rows whose cached keys both sides rotate alike: all, unless ours rotates at cache index; then the rows

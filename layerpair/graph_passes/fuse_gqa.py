@@ -152,17 +152,19 @@ class FuseGroupQueryAttentionPass(RewritePass[_Candidate]):
         ctx, present_k, present_v = GroupQueryAttention(
             RotaryEmbedding(q, position_ids, cos_cache, sin_cache), RotaryEmbedding(k, ...), v, past_k, past_v,
             seqlens_k = T-1 (every row), total_sequence_length = T, attention_bias = Where(keep, 0, fill),
-            causal=0, do_rotary=0, scale)
+            causal=1, do_rotary=0, scale)
 
     with ``cos_cache[p] = cos(p * inv_freq)`` for p in [0, max(position_ids)] — the same fp32 products the
-    exporter's rotary computes per token. Why this form (measured on onnxruntime 1.32's CPU kernels):
-    ``causal=0`` and the whole mask (causal, padding, window) as an additive bias reproduce the exporter's
-    ``Where(keep, scores, fill)`` exactly, including rows that are entirely masked (left padding: uniform
-    over all T keys, as the exporter's softmax gives); ``seqlens_k = T-1`` for every row makes the present
-    ``Concat(past, new)`` (BNSH), as the exporter's; GQA's own rotary is not used because on a first prompt it
-    reads only ``position_ids[:, 0]`` (wrong cache keys under left padding), so q and k are rotated by
-    ``RotaryEmbedding``, which reads every position. Qwen3's per-head q/k norm stays outside (a merged pair
-    has two scales).
+    exporter's rotary computes per token (``gqa_packed_rotary.py`` may then move the rotary into GQA). Why this
+    form (measured on onnxruntime 1.32's CPU kernels): the whole mask (causal, padding, window) as an additive
+    bias reproduces the exporter's ``Where(keep, scores, fill)`` on every row that keeps a key; ``causal=1`` on
+    top changes nothing there (the bias already drops those keys) and is the kernel's fast path (decode at
+    int4: 1.12x the whole model's speed over ``causal=0``, paired rounds). Rows that keep no key at all (left
+    padding's query rows) differ: the exporter averages all T values, GQA the first s+1; nothing reads them (their
+    logits and their cache entries sit at positions every later step masks; validation compares neither).
+    ``seqlens_k = T-1`` for every row makes the present ``Concat(past, new)`` (BNSH), as the exporter's. GQA's
+    own rotary is not used here: it rotates at cache index, not position_ids (see ``gqa_packed_rotary.py``).
+    Qwen3's per-head q/k norm stays outside (a merged pair has two scales).
 
     Must not fire when: the slot's attention is not the exporter's form (``merge_attention.check_attention``);
     the graph is 16-bit (softmax casts); head_dim is not a multiple of 16; rotary is not rotate-half of
@@ -221,7 +223,7 @@ class FuseGroupQueryAttentionPass(RewritePass[_Candidate]):
         q_rot = self._ms(f"{p}/q_rotary", "RotaryEmbedding", [q, *rope], 1, num_heads=f.num_heads, interleaved=0)
         k_rot = self._ms(f"{p}/k_rotary", "RotaryEmbedding", [k, *rope], 1, num_heads=f.kv_heads, interleaved=0)
         gqa_inputs = [q_rot[0], k_rot[0], f.v_BSE, f.past_k, f.past_v, seqlens_k, total, None, None, None, bias]
-        attrs = dict(num_heads=f.num_heads, kv_num_heads=f.kv_heads, scale=f.scale, causal=0, do_rotary=0)
+        attrs = dict(num_heads=f.num_heads, kv_num_heads=f.kv_heads, scale=f.scale, causal=1, do_rotary=0)
         ctx, present_k, present_v = self._ms(f"{p}/gqa", "GroupQueryAttention", gqa_inputs, 3, **attrs)
         D = f.head_dim
         for v, n in ((q_rot[0], f.num_heads), (k_rot[0], f.kv_heads), (ctx, f.num_heads)):

@@ -223,3 +223,21 @@ def test_in_memory_graph_reads_the_decoder_tensors_in_place() -> None:
         want = dec(*map(torch.from_numpy, args[:3]), *dec.empty_past(1))[0].numpy()
     assert not np.allclose(first, second, atol=1e-3)
     np.testing.assert_allclose(second, want, atol=ATOL)
+
+
+def test_cache_at_masked_positions_is_not_compared_the_rest_is() -> None:
+    """A position the mask drops (left padding) is never read again: an error there is not counted; the same
+    error one position later, or a NaN there, is, and is named by its true batch row and position."""
+    ref = [np.zeros((2, 1, 3, 2), np.float32) for _ in (0, 1)]  # K, V of one layer: batch 2, T 3
+    kept = np.array([[True, True, True], [False, True, True]])  # row 1 left-padded by one
+    ours = [t.copy() for t in ref]
+    ours[1][1, 0, 0, :] = 7.0  # row 1's padding: not compared
+    a = Agreement()
+    a.update_present(ours, ref, "padded", kept_BT=kept)
+    assert a.present_max_abs == 0.0
+    ours[0][1, 0, 1, 0] = np.nan  # row 1's first real key
+    a.update_present(ours, ref, "padded", kept_BT=kept)
+    assert math.isnan(a.present_max_abs) and "batch 1 head 0 position 1" in a.present_max_abs_at
+    b = Agreement()
+    b.update_present(ours, ref, "padded", kept_BT=kept, key_rows=np.array([True, False]))  # row 1's keys skipped
+    assert b.present_max_abs == 0.0 and b.keys_not_compared == 1
