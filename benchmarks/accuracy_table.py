@@ -36,7 +36,7 @@ from layerpair.evaluation.data import default_text, encoder, read_text, windows_
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
 from layerpair.evaluation.heal import heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
-from layerpair.evaluation.search import auto_pairs
+from layerpair.evaluation.search import OBJECTIVES, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.pairs import format_pairs
@@ -57,8 +57,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--search", type=Path, default=None, help="reuse the 'search' entry of an earlier --json")
     p.add_argument(
         "--search-mix",
-        action="store_true",
-        help="search on a mixture: the pydoc-end windows (cut to 256) plus as many generated-sample tokens",
+        nargs="?",
+        const="mean",
+        default=None,
+        choices=OBJECTIVES,
+        help="search on a mixture: the pydoc-end windows (cut to 256) plus as many generated-sample tokens; "
+        "the pair set's score is the mean over all windows (default) or the worst source's ratio ('worst')",
     )
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the cells of earlier --json runs")
     p.add_argument("--json", type=Path, default=None)
@@ -114,12 +118,23 @@ def search_pairs(run: Run, depths: list[int]) -> dict[int, tuple[tuple[int, int]
         res_json = json.loads(a.search.read_text())["search"]
     else:
         cal = calibration_windows(run.tokens["pydoc"], a.search_tokens, 512, run.evs["pydoc"])
-        if a.search_mix:  # issue 15 lever 2 (mixture, mean objective): pydoc end + the model's own samples
+        groups = None
+        if a.search_mix:  # issue 15 lever 2 (mixture, mean or worst-source objective): pydoc end + own samples
             gen, _ = generated_windows(run.dec, bos_id(run.tokenizer, run.enc), run.enc, GenSpec(), run.say)
             cal = cal.reshape(-1, gen.shape[1])
+            groups = torch.arange(2 * cal.shape[0]) // cal.shape[0]  # 0: pydoc, 1: generated
             cal = torch.cat([cal, gen[: cal.shape[0]]])
         run.say(f"searching down to depth {min(depths)} on {cal.numel()} tokens ({cal.shape[0]} windows)")
-        res = auto_pairs(run.dec, cal, target_depth=min(depths), beam=1, candidates=3, progress=run.say)
+        res = auto_pairs(
+            run.dec,
+            cal,
+            target_depth=min(depths),
+            beam=1,
+            candidates=3,
+            progress=run.say,
+            groups=groups,
+            objective=a.search_mix or "mean",
+        )
         res_json = res.to_json()
     run.out["search"] = res_json
     front = {p["depth"]: tuple(tuple(q) for q in p["pairs"]) for p in res_json["frontier"]}
