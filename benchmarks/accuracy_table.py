@@ -17,6 +17,8 @@ cell, so an interrupted run keeps what it measured.
 
 ``--columns`` / ``--indomain`` run a subset and ``--search FILE`` reuses the search of an earlier ``--json``
 (to split the work across processes); ``--merge A.json B.json`` combines such runs into one table.
+``--search-mix [mean|worst]`` searches on pydoc end + generated samples (issue 15 lever 2) and ``--heal-inputs
+b|ab`` also refits input projections when healing (lever 4; ``heal_pairs(refit_inputs=...)``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from benchmarks.calib_transfer import HELD_OUT
 from layerpair.evaluation.data import default_text, encoder, read_text, windows_from_tokens
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import heal_pairs
+from layerpair.evaluation.heal import INPUT_REFITS, heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
 from layerpair.evaluation.search import OBJECTIVES, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
@@ -52,6 +54,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--heal-tokens", type=int, default=16384)
     p.add_argument("--damping", type=float, default=None, help="fixed ridge damping (default: heal_pairs' choice)")
     p.add_argument("--indomain-damping", type=float, default=None, help="the in-domain column's, if different")
+    p.add_argument(
+        "--heal-inputs",
+        choices=INPUT_REFITS,
+        default=None,
+        help="lever 4: also refit the input projections (b: layer b's q/k/v and gate/up; ab: also a's gate/up)",
+    )
     p.add_argument("--columns", default=",".join(COLUMNS), help="subset of none,default,indomain")
     p.add_argument("--indomain", default=",".join(HELD_OUT), help="domains healed in-domain (subset)")
     p.add_argument("--search", type=Path, default=None, help="reuse the 'search' entry of an earlier --json")
@@ -148,9 +156,11 @@ def heal_timed(
 ) -> Decoder:
     t = time.perf_counter()
     run.say(f"{what}: healing {format_pairs(pairs)} on {cal.numel()} tokens")
-    healed, rep = heal_pairs(run.dec, pairs, cal, damping=damping)
+    healed, rep = heal_pairs(run.dec, pairs, cal, damping=damping, refit_inputs=run.a.heal_inputs, progress=run.say)
     run.out.setdefault("heal_seconds", {})[what] = round(time.perf_counter() - t, 1)
     run.out.setdefault("heal_damping", {})[what] = rep.to_json()["chosen_damping"] or rep.damping
+    if rep.input_damping:
+        run.out.setdefault("heal_input_damping", {})[what] = rep.input_damping
     return healed
 
 

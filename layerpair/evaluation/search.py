@@ -210,10 +210,7 @@ def auto_pairs(
     * only ``target_depth``: the best set found at that depth;
     * both: the set at ``target_depth``, which must be within the budget (else InputError naming the best ratio).
 
-    ``groups`` / ``objective``: a calibration of several sources and how a set's score reduces over them
-    (``Scorer``; ``"worst"``: every ratio is the worst source's).
-
-    ``dec`` is run with its own weights under each candidate plan (its ``pairs`` attribute is ignored).
+    ``groups``/``objective``: sources and the score's reduction over them (``Scorer``). ``dec.pairs`` is ignored.
     """
     L = dec.arch.num_layers
     _check_search_args(L, max_ppl_increase, target_depth, beam, candidates)
@@ -223,7 +220,6 @@ def auto_pairs(
     base = sc.set_base(base_states)
     limit = math.inf if max_ppl_increase is None else math.log1p(max_ppl_increase)
     max_pairs = L // 2 if target_depth is None else L - target_depth
-
     say(f"single-pair damage on {calib_windows.numel()} calibration tokens ({L - 1} pairs)")
     allowed = [(i, i + 1) for i in range(L - 1) if i not in exclude and i + 1 not in exclude]
     singles = {p: math.exp(sc.nll((p,), base_states, p[0]) - base) for p in allowed}
@@ -253,9 +249,13 @@ def auto_pairs(
         target_depth=target_depth,
         calib_tokens=int(calib_windows.numel()),
         evaluations=sc.evaluations,
-        settings={"beam": beam, "candidates": candidates, "window": int(calib_windows.shape[1])}
-        | ({} if groups is None else {"objective": objective, "sources": len(sc.sizes)}),
+        settings=_settings(beam, candidates, calib_windows, sc, groups is not None),
     )
+
+
+def _settings(beam: int, candidates: int, windows: Tensor, sc: Scorer, grouped: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"beam": beam, "candidates": candidates, "window": int(windows.shape[1])}
+    return out | ({"objective": sc.objective, "sources": len(sc.sizes)} if grouped else {})
 
 
 def _check_search_args(
