@@ -139,3 +139,12 @@ def test_heal_refit_inputs(tiny_llama: Decoder, texts: tuple[torch.Tensor, ...],
     assert _ratio(dec, tiny_llama, texts[1]) < _ratio(naive, tiny_llama, texts[1])
     with pytest.raises(InputError, match="refit_inputs"):
         heal_pairs(tiny_llama, PAIRS, texts[0], refit_inputs="b", target="global")
+
+
+def test_heal_refit_inputs_export_validates_exactly(
+    tiny_llama: Decoder, texts: tuple[torch.Tensor, ...], tmp_path: Path
+) -> None:
+    dec, _ = heal_pairs(tiny_llama, PAIRS, texts[0], refit_inputs="ab")
+    export_onnx(dec, tmp_path / "model.onnx")
+    res = compare_runners(OrtRunner(tmp_path / "model.onnx", dec.io), dec.io, TorchRunner(dec), dec.io)
+    assert within_tolerance(res, 1e-4) == [], {k: a.to_json() for k, a in res.items()}
