@@ -82,8 +82,9 @@ class HealReport:
             if self.refit_inputs is None
             else {"refit_inputs": self.refit_inputs, "input_damping": self.input_damping}
         )
+        inputs = "" if self.refit_inputs is None else f" (and the input projections of '{self.refit_inputs}')"
         return extra | {
-            "method": "ridge refit of o_proj and down_proj per pair (closed form, folded into the weights)",
+            "method": f"ridge refit of o_proj and down_proj{inputs} per pair (closed form, folded into the weights)",
             "pairs": self.pairs,
             "damping": "auto" if self.damping is None else self.damping,
             "damping_grid": list(DAMPING_GRID) if self.damping is None else None,
