@@ -17,6 +17,8 @@ cell, so an interrupted run keeps what it measured.
 
 ``--columns`` / ``--indomain`` run a subset and ``--search FILE`` reuses the search of an earlier ``--json``
 (to split the work across processes); ``--merge A.json B.json`` combines such runs into one table.
+``--search-mix [mean|worst]`` searches on pydoc end + generated samples (issue 15 lever 2) and ``--heal-inputs
+b|ab`` also refits input projections when healing (lever 4; ``heal_pairs(refit_inputs=...)``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import torch
 from benchmarks.calib_transfer import HELD_OUT
 from layerpair.evaluation.data import default_text, encoder, read_text, windows_from_tokens
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import heal_pairs
+from layerpair.evaluation.heal import INPUT_REFITS, heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
-from layerpair.evaluation.search import auto_pairs
+from layerpair.evaluation.search import OBJECTIVES, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.pairs import format_pairs
@@ -52,13 +54,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--heal-tokens", type=int, default=16384)
     p.add_argument("--damping", type=float, default=None, help="fixed ridge damping (default: heal_pairs' choice)")
     p.add_argument("--indomain-damping", type=float, default=None, help="the in-domain column's, if different")
+    p.add_argument(
+        "--heal-inputs",
+        choices=INPUT_REFITS,
+        default=None,
+        help="lever 4: also refit the input projections (b: layer b's q/k/v and gate/up; ab: also a's gate/up)",
+    )
     p.add_argument("--columns", default=",".join(COLUMNS), help="subset of none,default,indomain")
     p.add_argument("--indomain", default=",".join(HELD_OUT), help="domains healed in-domain (subset)")
     p.add_argument("--search", type=Path, default=None, help="reuse the 'search' entry of an earlier --json")
     p.add_argument(
         "--search-mix",
-        action="store_true",
-        help="search on a mixture: the pydoc-end windows (cut to 256) plus as many generated-sample tokens",
+        nargs="?",
+        const="mean",
+        default=None,
+        choices=OBJECTIVES,
+        help="search on a mixture: the pydoc-end windows (cut to 256) plus as many generated-sample tokens; "
+        "the pair set's score is the mean over all windows (default) or the worst source's ratio ('worst')",
     )
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the cells of earlier --json runs")
     p.add_argument("--json", type=Path, default=None)
@@ -114,12 +126,23 @@ def search_pairs(run: Run, depths: list[int]) -> dict[int, tuple[tuple[int, int]
         res_json = json.loads(a.search.read_text())["search"]
     else:
         cal = calibration_windows(run.tokens["pydoc"], a.search_tokens, 512, run.evs["pydoc"])
-        if a.search_mix:  # issue 15 lever 2 (mixture, mean objective): pydoc end + the model's own samples
+        groups = None
+        if a.search_mix:  # issue 15 lever 2 (mixture, mean or worst-source objective): pydoc end + own samples
             gen, _ = generated_windows(run.dec, bos_id(run.tokenizer, run.enc), run.enc, GenSpec(), run.say)
             cal = cal.reshape(-1, gen.shape[1])
+            groups = torch.arange(2 * cal.shape[0]) // cal.shape[0]  # 0: pydoc, 1: generated
             cal = torch.cat([cal, gen[: cal.shape[0]]])
         run.say(f"searching down to depth {min(depths)} on {cal.numel()} tokens ({cal.shape[0]} windows)")
-        res = auto_pairs(run.dec, cal, target_depth=min(depths), beam=1, candidates=3, progress=run.say)
+        res = auto_pairs(
+            run.dec,
+            cal,
+            target_depth=min(depths),
+            beam=1,
+            candidates=3,
+            progress=run.say,
+            groups=groups,
+            objective=a.search_mix or "mean",
+        )
         res_json = res.to_json()
     run.out["search"] = res_json
     front = {p["depth"]: tuple(tuple(q) for q in p["pairs"]) for p in res_json["frontier"]}
@@ -133,9 +156,11 @@ def heal_timed(
 ) -> Decoder:
     t = time.perf_counter()
     run.say(f"{what}: healing {format_pairs(pairs)} on {cal.numel()} tokens")
-    healed, rep = heal_pairs(run.dec, pairs, cal, damping=damping)
+    healed, rep = heal_pairs(run.dec, pairs, cal, damping=damping, refit_inputs=run.a.heal_inputs, progress=run.say)
     run.out.setdefault("heal_seconds", {})[what] = round(time.perf_counter() - t, 1)
     run.out.setdefault("heal_damping", {})[what] = rep.to_json()["chosen_damping"] or rep.damping
+    if rep.input_damping:
+        run.out.setdefault("heal_input_damping", {})[what] = rep.input_damping
     return healed
 
 

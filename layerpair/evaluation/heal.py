@@ -21,7 +21,14 @@ two fits of each pair chooses its damping from ``DAMPING_GRID`` by the residual 
 calibration of one window falls back on ``DEFAULT_DAMPING``. Inputs x come from the *already healed* LP model
 (pairs are healed in layer order), so each fit sees the activations it will see at run time.
 
-The result is an ordinary Decoder with different o_proj/down_proj values: export, merge and validation treat
+``refit_inputs`` (issue 15, lever 4; off by default) also refits, before the two fits above, the *input*
+projections the parallel pair feeds a different residual than the sequential one: layer b's q/k/v read
+``N_b(x)`` instead of ``N_b(y1)``, so ``N_b(x) @ W' ≈ N_b(y1) @ W`` (the sequential pre-activations; q/k are
+taken before rotary, so the fit is exact in form), and, after the o_proj fit, b's gate/up read ``N'_b(h)``
+instead of ``N'_b(h2)`` (``h2 = y1 + A_b(y1)``); ``"ab"`` also fits a's gate/up (``N'_a(h)`` for ``N'_a(x +
+A_a(x))``). Each projection is its own ridge fit toward the original weights, its damping chosen as above.
+
+The result is an ordinary Decoder with different projection values: export, merge and validation treat
 it like any other checkpoint, and the wide layer costs nothing more at run time.
 """
 
@@ -53,6 +60,7 @@ DAMPING_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # the automatic choice's ca
 HOLDOUT_EVERY = 8  # every 8th calibration window is held out to choose the damping
 Pairs = tuple[tuple[int, int], ...]
 TARGETS = ("local", "global")
+INPUT_REFITS = ("b", "ab")  # refit_inputs: layer b's q/k/v and gate/up; also layer a's gate/up
 
 
 @dataclass
@@ -65,10 +73,18 @@ class HealReport:
     # per pair: relative residual ||F W - T|| / ||T|| before (original weights) and after the refit
     attn_rel_err: dict[str, tuple[float, float]] = field(default_factory=dict)
     mlp_rel_err: dict[str, tuple[float, float]] = field(default_factory=dict)
+    refit_inputs: str | None = None
+    input_damping: dict[str, dict[str, float]] = field(default_factory=dict)  # pair -> {"b.q_proj": damping, ...}
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "method": "ridge refit of o_proj and down_proj per pair (closed form, folded into the weights)",
+        extra = (
+            {}
+            if self.refit_inputs is None
+            else {"refit_inputs": self.refit_inputs, "input_damping": self.input_damping}
+        )
+        inputs = "" if self.refit_inputs is None else f" (and the input projections of '{self.refit_inputs}')"
+        return extra | {
+            "method": f"ridge refit of o_proj and down_proj{inputs} per pair (closed form, folded into the weights)",
             "pairs": self.pairs,
             "damping": "auto" if self.damping is None else self.damping,
             "damping_grid": list(DAMPING_GRID) if self.damping is None else None,
@@ -153,9 +169,11 @@ def heal_pairs(
     target: str = "local",
     batch: int = DEFAULT_BATCH,
     progress: Callable[[str], None] | None = None,
+    refit_inputs: str | None = None,
 ) -> tuple[Decoder, HealReport]:
     """A new Decoder with ``pairs`` whose pair o_proj/down_proj are refitted on ``calib_windows`` [N,W]; ``damping``
-    None chooses it per fit on held-out windows (module docstring).
+    None chooses it per fit on held-out windows; ``refit_inputs`` "b"/"ab" also refits input projections
+    (module docstring; local target only).
 
     ``dec`` holds the original weights (its own pairs are ignored) and is not modified.
     """
@@ -163,10 +181,16 @@ def heal_pairs(
         raise InputError(f"heal target '{target}' is unknown", f"use one of: {', '.join(TARGETS)}")
     if damping is not None and not damping > 0:
         raise InputError(f"heal damping must be positive, got {damping}", "pass e.g. 1e-2")
+    if refit_inputs is not None and (refit_inputs not in INPUT_REFITS or target != "local"):
+        raise InputError(
+            f"refit_inputs '{refit_inputs}' needs target 'local'", f"use one of: {', '.join(INPUT_REFITS)}"
+        )
     say = progress or (lambda msg: None)
     pairs = tuple(sorted(pairs))
     healed = copy_with_pairs(dec, pairs)
-    report = HealReport([list(p) for p in pairs], damping, target, int(calib_windows.numel()))
+    report = HealReport(
+        [list(p) for p in pairs], damping, target, int(calib_windows.numel()), refit_inputs=refit_inputs
+    )
     if not pairs:
         return healed, report
     new: Any = healed.layers
@@ -183,19 +207,37 @@ def heal_pairs(
             if len(block) == 2:
                 a, b = block
                 fits = _Fits(xs, ctxs, held, damping)
-                ctx_ab, d_attn, report.attn_rel_err[f"{a}-{b}"] = _refit_o_proj(dec, a, b, new[a], new[b], fits)
-                targets = x_orig if target == "global" else None
-                d_mlp, before, after = _refit_down_proj(dec, a, b, new[a], new[b], fits, ctx_ab, targets)
-                report.mlp_rel_err[f"{a}-{b}"] = (before, after)
-                report.chosen_damping[f"{a}-{b}"] = (d_attn, d_mlp)
+                _heal_pair(dec, a, b, new, fits, x_orig if target == "global" else None, report)
                 done += 1
-                ab, aa = report.attn_rel_err[f"{a}-{b}"]
-                say(
-                    f"healed pair {a}-{b} ({done}/{len(pairs)}): relative residual, attention {ab:.3f} -> {aa:.3f} "
-                    f"(damping {d_attn:g}), MLP {before:.3f} -> {after:.3f} (damping {d_mlp:g})"
-                )
+                say(f"healed pair {a}-{b} ({done}/{len(pairs)}): {_pair_line(report, f'{a}-{b}')}")
             xs = [run_block(healed, block, x, c) for x, c in zip(xs, ctxs, strict=True)]
     return healed, report
+
+
+def _heal_pair(
+    dec: Decoder, a: int, b: int, new: Any, fits: _Fits, global_targets: list[Tensor] | None, report: HealReport
+) -> None:
+    """Every fit of pair (a, b) in order, written into ``new[a]``/``new[b]`` and recorded in ``report``."""
+    key = f"{a}-{b}"
+    if report.refit_inputs is not None:
+        report.input_damping[key] = _refit_qkv(dec, a, b, new[b], fits)
+    ctx_ab, d_attn, report.attn_rel_err[key] = _refit_o_proj(dec, a, b, new[a], new[b], fits)
+    if report.refit_inputs is not None:
+        report.input_damping[key] |= _refit_gate_up(dec, a, b, new, fits, ctx_ab, "a" in report.refit_inputs)
+    d_mlp, before, after = _refit_down_proj(dec, a, b, new[a], new[b], fits, ctx_ab, global_targets)
+    report.mlp_rel_err[key] = (before, after)
+    report.chosen_damping[key] = (d_attn, d_mlp)
+
+
+def _pair_line(report: HealReport, key: str) -> str:
+    (ab, aa), (mb, ma) = report.attn_rel_err[key], report.mlp_rel_err[key]
+    d_attn, d_mlp = report.chosen_damping[key]
+    line = (
+        f"relative residual, attention {ab:.3f} -> {aa:.3f} (damping {d_attn:g}), "
+        f"MLP {mb:.3f} -> {ma:.3f} (damping {d_mlp:g})"
+    )
+    inputs = report.input_damping.get(key)
+    return line if inputs is None else line + "; inputs " + ", ".join(f"{k} {d:g}" for k, d in inputs.items())
 
 
 def _chunks(windows: Tensor, batch: int, hold_out: bool) -> tuple[list[Tensor], list[bool]]:
@@ -262,6 +304,56 @@ def _refit_o_proj(
     return feats, damping, (before, after)
 
 
+def _refit_projections(
+    module: Any, names: Sequence[str], xs_new: list[Tensor], xs_seq: list[Tensor], fits: _Fits, tag: str
+) -> dict[str, float]:
+    """Ridge refit of each ``module.<name>`` ([in,out], bias untouched) so ``xs_new @ W' ≈ xs_seq @ W``: the
+    pre-activations the sequential pair computes, on the input the parallel pair gives. Returns the dampings."""
+    out: dict[str, float] = {}
+    for name in names:
+        W0 = getattr(module, name)
+        fit, held = fits.normals()
+        for xn, xq, is_held in zip(xs_new, xs_seq, fits.held, strict=True):
+            (held if is_held else fit).add(xn, xq @ W0)
+        W, out[f"{tag}.{name}"], _, _ = _solve(fit, held, W0, fits.damping)
+        W0.data = W.contiguous()
+    return out
+
+
+def _refit_qkv(dec: Decoder, a: int, b: int, nb: Layer, fits: _Fits) -> dict[str, float]:
+    """Layer b's q/k/v on ``N_b(x)`` toward their sequential pre-activations on ``N_b(y1)``."""
+    lb: Any = dec.layers[b]
+    xs_new = [nb.input_layernorm(x) for x in fits.xs]
+    xs_seq = [lb.input_layernorm(run_block(dec, (a,), x, c)) for x, c in zip(fits.xs, fits.ctxs, strict=True)]
+    return _refit_projections(nb.self_attn, ("q_proj", "k_proj", "v_proj"), xs_new, xs_seq, fits, "b")
+
+
+def _refit_gate_up(
+    dec: Decoder, a: int, b: int, new: Any, fits: _Fits, feats: list[tuple[Tensor, Tensor]], also_a: bool
+) -> dict[str, float]:
+    """Layer b's (and with ``also_a`` layer a's) gate/up on the refitted h toward their sequential
+    pre-activations: b's on ``N'_b(y1 + A_b(y1))``, a's on ``N'_a(x + A_a(x))``."""
+    orig: Any = dec.layers
+    na, nb, w = new[a], new[b], dec.arch.window
+    hs = [_post_attention(x, ca, cb, na, nb) for x, (ca, cb) in zip(fits.xs, feats, strict=True)]
+    seq_b, seq_a = [], []
+    for x, c in zip(fits.xs, fits.ctxs, strict=True):
+        y1 = run_block(dec, (a,), x, c)
+        seq_b.append(orig[b].post_attention_layernorm(y1 + attention(orig[b], y1, c, w(b))))
+        if also_a:
+            seq_a.append(orig[a].post_attention_layernorm(x + attention(orig[a], x, c, w(a))))
+    names = ("gate_proj", "up_proj")
+    out = _refit_projections(nb.mlp, names, [nb.post_attention_layernorm(h) for h in hs], seq_b, fits, "b")
+    if also_a:
+        out |= _refit_projections(na.mlp, names, [na.post_attention_layernorm(h) for h in hs], seq_a, fits, "a")
+    return out
+
+
+def _post_attention(x: Tensor, ca: Tensor, cb: Tensor, na: Layer, nb: Layer) -> Tensor:
+    """The parallel pair's residual after both attentions: ``h = x + o_a(ctx_a) + o_b(ctx_b)``."""
+    return x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + o_bias(na) + o_bias(nb)
+
+
 def _refit_down_proj(
     dec: Decoder,
     a: int,
@@ -277,8 +369,7 @@ def _refit_down_proj(
     ``global_targets`` the original model's stream after layer b. Returns (damping used, rel err before, after)."""
     fit, held = fits.normals()
     for k, (x, c, is_held) in enumerate(zip(fits.xs, fits.ctxs, fits.held, strict=True)):
-        ca, cb = feats[k]
-        h = x + ca @ na.self_attn.o_proj + cb @ nb.self_attn.o_proj + o_bias(na) + o_bias(nb)
+        h = _post_attention(x, *feats[k], na, nb)
         tgt = run_block(dec, (b,), run_block(dec, (a,), x, c), c) if global_targets is None else global_targets[k]
         (held if is_held else fit).add(
             torch.cat([mlp_act(na, h), mlp_act(nb, h)], -1), tgt - h - down_bias(na) - down_bias(nb)

@@ -103,16 +103,46 @@ class SearchResult:
         }
 
 
-class Scorer:
-    """Calibration NLL of pair sets, resuming from cached residual streams."""
+OBJECTIVES = ("mean", "worst")  # how a pair set's score reduces over calibration sources (``groups``)
 
-    def __init__(self, dec: Decoder, windows: Tensor, batch: int) -> None:
-        self.dec, self.windows, self.batch = dec, windows, batch
+
+class Scorer:
+    """Calibration NLL of pair sets, resuming from cached residual streams.
+
+    ``groups`` (one source id per window, e.g. a text and generated samples) batches each source apart; with
+    ``objective="worst"`` a set scores the base NLL plus the *largest* per-source NLL increase over the original
+    (``set_base``), so ``exp(score - base)`` is the worst source's perplexity ratio. ``"mean"`` (the default)
+    is the mean NLL over all windows, whatever the groups.
+    """
+
+    def __init__(
+        self, dec: Decoder, windows: Tensor, batch: int, groups: Tensor | None = None, objective: str = "mean"
+    ) -> None:
+        if objective not in OBJECTIVES:
+            raise InputError(f"search objective '{objective}' is unknown", f"use one of: {', '.join(OBJECTIVES)}")
+        self.dec, self.windows, self.batch, self.objective = dec, windows, batch, objective
         self.L = dec.arch.num_layers
         self.cache: dict[Pairs, float] = {}
         self.evaluations = 0
-        self.chunks = [windows[i : i + batch] for i in range(0, windows.shape[0], batch)]
+        gid = torch.zeros(windows.shape[0], dtype=torch.long) if groups is None else groups.long()
+        self.sizes = {int(g): int((gid == g).sum()) for g in torch.unique(gid)}
+        self.chunks: list[Tensor] = []
+        self.chunk_group: list[int] = []
+        for g in self.sizes:
+            part = windows[gid == g]
+            self.chunks += [part[i : i + batch] for i in range(0, part.shape[0], batch)]
+            self.chunk_group += [g] * -(-part.shape[0] // batch)
         self.ctx = [window_context(dec, *c.shape) for c in self.chunks]
+        self.base_group: dict[int, float] | None = None
+
+    def _score(self, totals: dict[int, float]) -> float:
+        """Per-source NLL totals -> the objective (module docstring; ``set_base`` first for ``worst``)."""
+        mean = sum(totals.values()) / self.windows.shape[0]
+        if self.objective == "mean":
+            return mean
+        assert self.base_group is not None, "Scorer.set_base before a worst-source score"
+        base_mean = sum(b * self.sizes[g] for g, b in self.base_group.items()) / self.windows.shape[0]
+        return base_mean + max(totals[g] / self.sizes[g] - b for g, b in self.base_group.items())
 
     def states(self, pairs: Pairs) -> list[dict[int, Tensor]]:
         """Residual stream at every block boundary of ``pairs``, per chunk of windows."""
@@ -127,27 +157,37 @@ class Scorer:
                 out.append(st)
         return out
 
-    def nll_from_states(self, states: list[dict[int, Tensor]]) -> float:
-        total = 0.0
+    def _totals(self, states: list[dict[int, Tensor]]) -> dict[int, float]:
+        totals = dict.fromkeys(self.sizes, 0.0)
         with torch.no_grad():
-            for ids, st in zip(self.chunks, states, strict=True):
-                total += nll_of_logits(head(self.dec, st[self.L]), ids) * ids.shape[0]
-        return total / self.windows.shape[0]
+            for ids, g, st in zip(self.chunks, self.chunk_group, states, strict=True):
+                totals[g] += nll_of_logits(head(self.dec, st[self.L]), ids) * ids.shape[0]
+        return totals
+
+    def nll_from_states(self, states: list[dict[int, Tensor]]) -> float:
+        """Mean NLL over all windows of the final states."""
+        return sum(self._totals(states).values()) / self.windows.shape[0]
+
+    def set_base(self, states: list[dict[int, Tensor]]) -> float:
+        """Record the original model's per-source NLL (``states`` of no pairs); returns its score."""
+        totals = self._totals(states)
+        self.base_group = {g: t / self.sizes[g] for g, t in totals.items()}
+        return self._score(totals)
 
     def nll(self, pairs: Pairs, parent: list[dict[int, Tensor]], start: int) -> float:
-        """NLL of ``pairs``, whose plan equals the parent's before layer ``start``."""
+        """Score (``objective``) of ``pairs``, whose plan equals the parent's before layer ``start``."""
         key = tuple(sorted(pairs))
         if key not in self.cache:
             self.evaluations += 1
-            total = 0.0
+            totals = dict.fromkeys(self.sizes, 0.0)
             with torch.no_grad():
-                for ids, c, st in zip(self.chunks, self.ctx, parent, strict=True):
+                for ids, c, g, st in zip(self.chunks, self.ctx, self.chunk_group, parent, strict=True):
                     x = st[start]
                     for block in blocks_from_pairs(self.L, key):
                         if block[0] >= start:
                             x = run_block(self.dec, block, x, c)
-                    total += nll_of_logits(head(self.dec, x), ids) * ids.shape[0]
-            self.cache[key] = total / self.windows.shape[0]
+                    totals[g] += nll_of_logits(head(self.dec, x), ids) * ids.shape[0]
+            self.cache[key] = self._score(totals)
         return self.cache[key]
 
 
@@ -161,6 +201,8 @@ def auto_pairs(
     batch: int = DEFAULT_BATCH,
     exclude: Sequence[int] = (),
     progress: Callable[[str], None] | None = None,
+    groups: Tensor | None = None,
+    objective: str = "mean",
 ) -> SearchResult:
     """Search pair sets on ``calib_windows`` [N,W]; choose by budget and/or target depth.
 
@@ -168,17 +210,16 @@ def auto_pairs(
     * only ``target_depth``: the best set found at that depth;
     * both: the set at ``target_depth``, which must be within the budget (else InputError naming the best ratio).
 
-    ``dec`` is run with its own weights under each candidate plan (its ``pairs`` attribute is ignored).
+    ``groups``/``objective``: sources and the score's reduction over them (``Scorer``). ``dec.pairs`` is ignored.
     """
     L = dec.arch.num_layers
     _check_search_args(L, max_ppl_increase, target_depth, beam, candidates)
     say = progress or (lambda msg: None)
-    sc = Scorer(dec, calib_windows, batch)
+    sc = Scorer(dec, calib_windows, batch, groups, objective)
     base_states = sc.states(())
-    base = sc.nll_from_states(base_states)
+    base = sc.set_base(base_states)
     limit = math.inf if max_ppl_increase is None else math.log1p(max_ppl_increase)
     max_pairs = L // 2 if target_depth is None else L - target_depth
-
     say(f"single-pair damage on {calib_windows.numel()} calibration tokens ({L - 1} pairs)")
     allowed = [(i, i + 1) for i in range(L - 1) if i not in exclude and i + 1 not in exclude]
     singles = {p: math.exp(sc.nll((p,), base_states, p[0]) - base) for p in allowed}
@@ -208,8 +249,13 @@ def auto_pairs(
         target_depth=target_depth,
         calib_tokens=int(calib_windows.numel()),
         evaluations=sc.evaluations,
-        settings={"beam": beam, "candidates": candidates, "window": int(calib_windows.shape[1])},
+        settings=_settings(beam, candidates, calib_windows, sc, groups is not None),
     )
+
+
+def _settings(beam: int, candidates: int, windows: Tensor, sc: Scorer, grouped: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"beam": beam, "candidates": candidates, "window": int(windows.shape[1])}
+    return out | ({"objective": sc.objective, "sources": len(sc.sizes)} if grouped else {})
 
 
 def _check_search_args(

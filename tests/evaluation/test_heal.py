@@ -118,3 +118,33 @@ def test_heal_chooses_damping_on_held_out_windows(tiny_llama: Decoder, texts: tu
     naive = Decoder(tiny_llama.arch, PAIRS)
     naive.load_state_dict(tiny_llama.state_dict())
     assert _ratio(dec, tiny_llama, texts[1]) < _ratio(naive, tiny_llama, texts[1])
+
+
+@pytest.mark.parametrize("which", ["b", "ab"])
+def test_heal_refit_inputs(tiny_llama: Decoder, texts: tuple[torch.Tensor, ...], which: str) -> None:
+    """Lever 4: the input projections the pair feeds a different residual are refitted too (b's q/k/v and
+    gate/up; with "ab" also a's gate/up), each with its own chosen damping, and nothing else changes."""
+    dec, rep = heal_pairs(tiny_llama, PAIRS, texts[0], refit_inputs=which)
+    before, after = tiny_llama.state_dict(), dec.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    outputs = {f"layers.{i}.{p}" for i in (1, 2, 3, 4) for p in ("self_attn.o_proj", "mlp.down_proj")}
+    qkv = {f"layers.{i}.self_attn.{p}_proj" for i in (2, 4) for p in "qkv"}
+    gu = {f"layers.{i}.mlp.{p}_proj" for i in ((1, 2, 3, 4) if which == "ab" else (2, 4)) for p in ("gate", "up")}
+    assert changed == outputs | qkv | gu
+    n_fits = 5 + 2 * (which == "ab")
+    assert all(len(d) == n_fits for d in rep.input_damping.values()) and set(rep.input_damping) == {"1-2", "3-4"}
+    assert rep.to_json()["refit_inputs"] == which
+    naive = Decoder(tiny_llama.arch, PAIRS)
+    naive.load_state_dict(tiny_llama.state_dict())
+    assert _ratio(dec, tiny_llama, texts[1]) < _ratio(naive, tiny_llama, texts[1])
+    with pytest.raises(InputError, match="refit_inputs"):
+        heal_pairs(tiny_llama, PAIRS, texts[0], refit_inputs="b", target="global")
+
+
+def test_heal_refit_inputs_export_validates_exactly(
+    tiny_llama: Decoder, texts: tuple[torch.Tensor, ...], tmp_path: Path
+) -> None:
+    dec, _ = heal_pairs(tiny_llama, PAIRS, texts[0], refit_inputs="ab")
+    export_onnx(dec, tmp_path / "model.onnx")
+    res = compare_runners(OrtRunner(tmp_path / "model.onnx", dec.io), dec.io, TorchRunner(dec), dec.io)
+    assert within_tolerance(res, 1e-4) == [], {k: a.to_json() for k, a in res.items()}

@@ -112,3 +112,20 @@ def test_needs_budget_or_depth(tiny_llama: Decoder, calib: torch.Tensor) -> None
     with pytest.raises(InputError, match="needs a budget or a depth"):
         auto_pairs(tiny_llama, calib)
     assert math.isfinite(auto_pairs(tiny_llama, calib, target_depth=5).base_ppl)
+
+
+def test_worst_source_objective(tiny_llama: Decoder, calib: torch.Tensor) -> None:
+    """Two sources (the sampled text and random tokens): ``worst`` scores every set by its worst source's ratio,
+    ``mean`` with groups is the plain search."""
+    noise = torch.randint(0, tiny_llama.arch.vocab_size, calib.shape, generator=torch.Generator().manual_seed(3))
+    mix, groups = torch.cat([calib, noise]), torch.arange(2 * calib.shape[0]) // calib.shape[0]
+    res = auto_pairs(tiny_llama, mix, target_depth=3, batch=2, groups=groups, objective="worst")
+    scored = [(p.pairs, p.ratio) for p in res.frontier] + [((q,), r) for q, r in res.singles.items()]
+    for pairs, ratio in scored:
+        worst = max(_ratio(tiny_llama, pairs, calib), _ratio(tiny_llama, pairs, noise))
+        assert ratio == pytest.approx(worst, rel=1e-5)
+    assert res.to_json()["settings"]["objective"] == "worst"
+    plain, grouped = auto_pairs(tiny_llama, mix, target_depth=3), auto_pairs(tiny_llama, mix, None, 3, groups=groups)
+    assert [p.ratio for p in grouped.frontier] == pytest.approx([p.ratio for p in plain.frontier], rel=1e-9)
+    with pytest.raises(InputError, match="objective"):
+        auto_pairs(tiny_llama, mix, target_depth=3, groups=groups, objective="median")
