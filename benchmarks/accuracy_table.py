@@ -36,7 +36,7 @@ import torch
 from benchmarks.calib_transfer import HELD_OUT
 from layerpair.evaluation.data import default_text, encoder, read_text, windows_from_tokens
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import INPUT_REFITS, heal_pairs
+from layerpair.evaluation.heal import DEFAULT_INPUT_REFIT, INPUT_REFITS, heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
 from layerpair.evaluation.search import OBJECTIVES, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
@@ -56,9 +56,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--indomain-damping", type=float, default=None, help="the in-domain column's, if different")
     p.add_argument(
         "--heal-inputs",
-        choices=INPUT_REFITS,
-        default=None,
-        help="lever 4: also refit the input projections (b: layer b's q/k/v and gate/up; ab: also a's gate/up)",
+        choices=("none", *INPUT_REFITS),
+        default=DEFAULT_INPUT_REFIT,
+        help="lever 4: also refit the input projections (b: layer b's q/k/v and gate/up; ab: also a's gate/up); "
+        f"default {DEFAULT_INPUT_REFIT}, --heal's (tables before 2026-12-03 noon: none)",
     )
     p.add_argument("--columns", default=",".join(COLUMNS), help="subset of none,default,indomain")
     p.add_argument("--indomain", default=",".join(HELD_OUT), help="domains healed in-domain (subset)")
@@ -151,12 +152,18 @@ def search_pairs(run: Run, depths: list[int]) -> dict[int, tuple[tuple[int, int]
     return {d: front[d] for d in depths}  # type: ignore[misc]
 
 
+def _refit(choice: str) -> str | None:
+    return None if choice == "none" else choice
+
+
 def heal_timed(
     run: Run, pairs: tuple[tuple[int, int], ...], cal: torch.Tensor, what: str, damping: float | None
 ) -> Decoder:
     t = time.perf_counter()
     run.say(f"{what}: healing {format_pairs(pairs)} on {cal.numel()} tokens")
-    healed, rep = heal_pairs(run.dec, pairs, cal, damping=damping, refit_inputs=run.a.heal_inputs, progress=run.say)
+    healed, rep = heal_pairs(
+        run.dec, pairs, cal, damping=damping, refit_inputs=_refit(run.a.heal_inputs), progress=run.say
+    )
     run.out.setdefault("heal_seconds", {})[what] = round(time.perf_counter() - t, 1)
     run.out.setdefault("heal_damping", {})[what] = rep.to_json()["chosen_damping"] or rep.damping
     if rep.input_damping:

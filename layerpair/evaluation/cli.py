@@ -44,6 +44,7 @@ from layerpair.evaluation.data import (
     windows_from_tokens,
 )
 from layerpair.evaluation.generated import DEFAULT_LENGTH, DEFAULT_SEQUENCES
+from layerpair.evaluation.heal import DEFAULT_INPUT_REFIT, INPUT_REFITS
 from layerpair.evaluation.metrics import (
     DEFAULT_BATCH,
     OnnxBackend,
@@ -80,6 +81,13 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam", type=int, default=2, help="--pairs auto beam width (default 2)")
     g.add_argument("--plot", type=Path, default=None, help="--pairs auto: save the frontier as this PNG")
     g.add_argument("--heal", action="store_true", help="refit each pair's o_proj/down_proj on calibration text")
+    g.add_argument(
+        "--heal-inputs",
+        choices=("none", *INPUT_REFITS),
+        default=DEFAULT_INPUT_REFIT,
+        help="--heal also refits the input projections the parallel pair feeds another residual: b = layer b's "
+        f"q/k/v and gate/up, ab = also layer a's gate/up (default {DEFAULT_INPUT_REFIT}); none = o_proj/down_proj only",
+    )
     g.add_argument(
         "--heal-damping",
         type=float,

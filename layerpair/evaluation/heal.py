@@ -61,6 +61,10 @@ HOLDOUT_EVERY = 8  # every 8th calibration window is held out to choose the damp
 Pairs = tuple[tuple[int, int], ...]
 TARGETS = ("local", "global")
 INPUT_REFITS = ("b", "ab")  # refit_inputs: layer b's q/k/v and gate/up; also layer a's gate/up
+#: ``--heal``'s default ``refit_inputs`` (``heal_pairs`` itself defaults to none, for the documented studies):
+#: SmolLM2 held-out pydoc/news/legal improved at depth 24 (x1.186/x1.308/x1.223 -> x1.159/x1.234/x1.142) and at
+#: depth 22 (x1.322/x1.422/x1.363 -> x1.274/x1.321/x1.229), docs/accuracy.md "Levers (continued)".
+DEFAULT_INPUT_REFIT = "ab"
 
 
 @dataclass

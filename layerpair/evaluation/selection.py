@@ -114,8 +114,10 @@ def select_pairs(
         heal_cal = _heal_calibration(a, calibs.heal, window, overlap, say)
         damping = a.heal_damping  # None: chosen per fit on held-out calibration windows
         how = "chosen on held-out windows" if damping is None else f"{damping:g}"
-        say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {how})")
-        dec, rep = heal_pairs(dec0, pairs, heal_cal, damping=damping, progress=say)
+        inputs = None if a.heal_inputs == "none" else a.heal_inputs
+        say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {how}; input "
+            f"projections refitted: {inputs or 'none'})")  # fmt: skip
+        dec, rep = heal_pairs(dec0, pairs, heal_cal, damping=damping, progress=say, refit_inputs=inputs)
         report["heal"] = rep.to_json()
         return Selection(pairs, dec, report)
     return Selection(pairs, with_pairs(dec0, pairs), report)

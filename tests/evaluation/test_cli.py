@@ -120,6 +120,7 @@ def test_export_pairs_auto_heal_records_choice(
     r = json.loads((out / "report.json").read_text())
     assert r["depth"] == 5 and r["pairs"] == r["auto"]["pairs"] == r["heal"]["pairs"]
     assert r["auto"]["calib_tokens"] == 1024 and r["heal"]["damping"] == "auto"  # chosen per fit (held out)
+    assert r["heal"]["refit_inputs"] == "ab" and len(r["heal"]["input_damping"]) == 1  # --heal-inputs default
     assert len(r["heal"]["chosen_damping"]) == 1 and all(
         0 < d for ds in r["heal"]["chosen_damping"].values() for d in ds
     )
