@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.calib_transfer import HELD_OUT
 from layerpair.evaluation.data import default_text, encoder, read_text, windows_from_tokens
-from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
+from layerpair.evaluation.generated import DEFAULT_LENGTH, GenSpec, bos_id, generated_windows
 from layerpair.evaluation.heal import DEFAULT_INPUT_REFIT, INPUT_REFITS, heal_pairs
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
 from layerpair.evaluation.search import OBJECTIVES, auto_pairs
@@ -187,7 +187,8 @@ def table_run(a: argparse.Namespace) -> dict[str, Any]:
     pairs = search_pairs(run, depths)
     gen: torch.Tensor | None = None
     if "default" in columns:
-        gen, info = generated_windows(run.dec, bos_id(run.tokenizer, run.enc), run.enc, GenSpec(), run.say)
+        spec = GenSpec(sequences=-(-a.heal_tokens // DEFAULT_LENGTH))  # enough rows for --heal-tokens (default 64)
+        gen, info = generated_windows(run.dec, bos_id(run.tokenizer, run.enc), run.enc, spec, run.say)
         run.out["generation"] = info.to_json()
     for depth in depths:
         p = pairs[depth]

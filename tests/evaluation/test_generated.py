@@ -76,8 +76,8 @@ def test_bad_spec(spec: GenSpec, msg: str) -> None:
 
 def _args(**kw: object) -> argparse.Namespace:
     base = dict(pairs="1-2", heal=True, max_ppl_increase=None, target_depth=None, plot=None, heal_damping=None,
-                calib_tokens=20, heal_tokens=None, calib_text=None, calib=None, heal_calib=None, calib_samples=6,
-                calib_length=10, calib_seed=3, beam=1, window=10)  # fmt: skip
+                heal_inputs="ab", calib_tokens=20, heal_tokens=None, calib_text=None, calib=None, heal_calib=None,
+                calib_samples=6, calib_length=10, calib_seed=3, beam=1, window=10)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
