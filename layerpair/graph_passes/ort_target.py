@@ -84,6 +84,7 @@ class OrtFusionPass(CountingPass):
 def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto", untie: bool = True) -> tuple[ir.Model, dict[str, Any]]:
     """Rewrite ``model`` (in place) for ONNX Runtime; the report's ``ort_target`` section.
 
+    ``rotary``: "auto" | "gqa" | "separate" (step 2b); ``untie``: step 2c (False before ``--quant``).
     Raises ``GraphPassError`` naming each cache slot whose attention was not fused, and why, or when the I/O
     changed. ``attention_fused``: how many single layers and merged pairs now run ``GroupQueryAttention``."""
     t0 = time.perf_counter()
