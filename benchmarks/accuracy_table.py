@@ -34,9 +34,10 @@ from typing import Any
 import torch
 
 from benchmarks.calib_transfer import HELD_OUT
+from layerpair.evaluation.cli import add_heal_inputs_arg
 from layerpair.evaluation.data import default_text, encoder, read_text, windows_from_tokens
 from layerpair.evaluation.generated import DEFAULT_LENGTH, GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import DEFAULT_INPUT_REFIT, INPUT_REFITS, heal_pairs
+from layerpair.evaluation.heal import heal_pairs, refit_inputs_flag
 from layerpair.evaluation.metrics import TorchBackend, text_metrics_many
 from layerpair.evaluation.search import OBJECTIVES, auto_pairs
 from layerpair.evaluation.selection import calibration_windows
@@ -54,13 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--heal-tokens", type=int, default=16384)
     p.add_argument("--damping", type=float, default=None, help="fixed ridge damping (default: heal_pairs' choice)")
     p.add_argument("--indomain-damping", type=float, default=None, help="the in-domain column's, if different")
-    p.add_argument(
-        "--heal-inputs",
-        choices=("none", *INPUT_REFITS),
-        default=DEFAULT_INPUT_REFIT,
-        help="lever 4: also refit the input projections (b: layer b's q/k/v and gate/up; ab: also a's gate/up); "
-        f"default {DEFAULT_INPUT_REFIT}, --heal's (tables before 2026-12-03 noon: none)",
-    )
+    add_heal_inputs_arg(p)  # issue 15 lever 4, --heal's default (tables before 2026-12-03 noon: none)
     p.add_argument("--columns", default=",".join(COLUMNS), help="subset of none,default,indomain")
     p.add_argument("--indomain", default=",".join(HELD_OUT), help="domains healed in-domain (subset)")
     p.add_argument("--search", type=Path, default=None, help="reuse the 'search' entry of an earlier --json")
@@ -152,17 +147,13 @@ def search_pairs(run: Run, depths: list[int]) -> dict[int, tuple[tuple[int, int]
     return {d: front[d] for d in depths}  # type: ignore[misc]
 
 
-def _refit(choice: str) -> str | None:
-    return None if choice == "none" else choice
-
-
 def heal_timed(
     run: Run, pairs: tuple[tuple[int, int], ...], cal: torch.Tensor, what: str, damping: float | None
 ) -> Decoder:
     t = time.perf_counter()
     run.say(f"{what}: healing {format_pairs(pairs)} on {cal.numel()} tokens")
     healed, rep = heal_pairs(
-        run.dec, pairs, cal, damping=damping, refit_inputs=_refit(run.a.heal_inputs), progress=run.say
+        run.dec, pairs, cal, damping=damping, refit_inputs=refit_inputs_flag(run.a.heal_inputs), progress=run.say
     )
     run.out.setdefault("heal_seconds", {})[what] = round(time.perf_counter() - t, 1)
     run.out.setdefault("heal_damping", {})[what] = rep.to_json()["chosen_damping"] or rep.damping

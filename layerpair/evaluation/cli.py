@@ -73,6 +73,17 @@ def say(msg: str) -> None:
     print(f"[layerpair] {msg}", file=sys.stderr, flush=True)
 
 
+def add_heal_inputs_arg(p: Any) -> None:  # a parser or an argument group
+    """``--heal-inputs none|b|ab`` (``refit_inputs_flag`` turns it into ``heal_pairs``' argument)."""
+    p.add_argument(
+        "--heal-inputs",
+        choices=("none", *INPUT_REFITS),
+        default=DEFAULT_INPUT_REFIT,
+        help="--heal also refits the input projections the parallel pair feeds another residual: b = layer b's "
+        f"q/k/v and gate/up, ab = also layer a's gate/up (default {DEFAULT_INPUT_REFIT}); none = o_proj/down_proj only",
+    )
+
+
 def add_selection_args(p: argparse.ArgumentParser) -> None:
     """``--pairs auto`` search and ``--heal`` flags, shared by ``eval`` and (when wired) the export CLI."""
     g = p.add_argument_group("automatic pairs and healing (calibration text)")
@@ -81,13 +92,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam", type=int, default=2, help="--pairs auto beam width (default 2)")
     g.add_argument("--plot", type=Path, default=None, help="--pairs auto: save the frontier as this PNG")
     g.add_argument("--heal", action="store_true", help="refit each pair's o_proj/down_proj on calibration text")
-    g.add_argument(
-        "--heal-inputs",
-        choices=("none", *INPUT_REFITS),
-        default=DEFAULT_INPUT_REFIT,
-        help="--heal also refits the input projections the parallel pair feeds another residual: b = layer b's "
-        f"q/k/v and gate/up, ab = also layer a's gate/up (default {DEFAULT_INPUT_REFIT}); none = o_proj/down_proj only",
-    )
+    add_heal_inputs_arg(g)
     g.add_argument(
         "--heal-damping",
         type=float,

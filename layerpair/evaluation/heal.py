@@ -67,6 +67,11 @@ INPUT_REFITS = ("b", "ab")  # refit_inputs: layer b's q/k/v and gate/up; also la
 DEFAULT_INPUT_REFIT = "ab"
 
 
+def refit_inputs_flag(choice: str) -> str | None:
+    """``--heal-inputs`` none|b|ab -> ``heal_pairs``' ``refit_inputs`` (None for none)."""
+    return None if choice == "none" else choice
+
+
 @dataclass
 class HealReport:
     pairs: list[list[int]]

@@ -21,7 +21,7 @@ from layerpair.evaluation.data import (
     windows_from_tokens,
 )
 from layerpair.evaluation.generated import GenSpec, bos_id, generated_windows
-from layerpair.evaluation.heal import heal_pairs
+from layerpair.evaluation.heal import heal_pairs, refit_inputs_flag
 from layerpair.evaluation.search import auto_pairs, parse_budget, save_frontier_plot
 from layerpair.exporter.model import Decoder
 
@@ -114,7 +114,7 @@ def select_pairs(
         heal_cal = _heal_calibration(a, calibs.heal, window, overlap, say)
         damping = a.heal_damping  # None: chosen per fit on held-out calibration windows
         how = "chosen on held-out windows" if damping is None else f"{damping:g}"
-        inputs = None if a.heal_inputs == "none" else a.heal_inputs
+        inputs = refit_inputs_flag(a.heal_inputs)
         say(f"healing {len(pairs)} pairs on {heal_cal.numel()} calibration tokens (ridge damping {how}; input "
             f"projections refitted: {inputs or 'none'})")  # fmt: skip
         dec, rep = heal_pairs(dec0, pairs, heal_cal, damping=damping, progress=say, refit_inputs=inputs)
