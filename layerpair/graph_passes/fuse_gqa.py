@@ -89,6 +89,21 @@ def match_rope(cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value] | str:
     return pos, inv_freq
 
 
+def rope_table(g: ir.Graph, count: ir.Value, inv_freq: ir.Value, prefix: str) -> list[ir.Node]:
+    """The nodes (not yet in ``g``) of cos/sin [count, D/2] = cos/sin(float(t) * inv_freq) for t in [0, count),
+    ``count`` an int64 scalar: the last two nodes' outputs are cos and sin. The same fp32 products the exporter's
+    rotary computes for position t, so the tables are bit-identical to its angles."""
+    zero = small_initializer(g, f"{prefix}.zero", np.array(0, np.int64))
+    one = small_initializer(g, f"{prefix}.one", np.array(1, np.int64))
+    last = small_initializer(g, f"{prefix}.last", np.array([-1], np.int64))
+    nodes = [node("Range", [zero, count, one], f"{prefix}/index")]
+    nodes.append(node("Cast", [nodes[-1].outputs[0]], f"{prefix}/index_f", to=ir.DataType.FLOAT))
+    nodes.append(node("Unsqueeze", [nodes[-1].outputs[0], last], f"{prefix}/index_col"))
+    nodes.append(node("Mul", [nodes[-1].outputs[0], inv_freq], f"{prefix}/angles"))
+    angles = nodes[-1].outputs[0]
+    return [*nodes, node("Cos", [angles], f"{prefix}/cos"), node("Sin", [angles], f"{prefix}/sin")]
+
+
 def _flat_source(t_BHSD: ir.Value, n: int, D: int) -> tuple[ir.Value, bool] | None:
     """``Transpose(0,2,1,3)`` of x [B,S,n,D] -> (src, False) when x = Reshape(src, [0,0,n,D]) with src known to be
     3-D, else (x, True): x itself, to be flattened to [B,S,n*D] (Qwen3's per-head norm sits between)."""
@@ -271,16 +286,12 @@ class FuseGroupQueryAttentionPass(RewritePass[_Candidate]):
         key = (1, id(f.positions), id(f.inv_freq))
         if key not in self._shared:
             p = f"ort_rope_{len(self._shared)}"
-            zero = small_initializer(g, "ort_attn.zero", np.array(0, np.int64))
             one = small_initializer(g, "ort_attn.one", np.array(1, np.int64))
             top = self._op(f"{p}/max", "ReduceMax", [f.positions], keepdims=0)
-            n = self._op(f"{p}/n", "Add", [top, one])
-            idx = self._op(f"{p}/range", "Range", [zero, n, one])
-            pos = self._op(f"{p}/pos", "Cast", [idx], to=ir.DataType.FLOAT)
-            pos_N1 = self._op(f"{p}/pos_col", "Unsqueeze", [pos, self._ints(g, "last", -1)])
-            angles = self._op(f"{p}/angles", "Mul", [pos_N1, f.inv_freq])
-            self._shared[key] = self._op(f"{p}/cos", "Cos", [angles])
-            self._shared[(2, *key[1:])] = self._op(f"{p}/sin", "Sin", [angles])
+            table = rope_table(g, self._op(f"{p}/n", "Add", [top, one]), f.inv_freq, p)
+            self._nodes += table
+            self._shared[key] = table[-2].outputs[0]
+            self._shared[(2, *key[1:])] = table[-1].outputs[0]
         return self._shared[key], self._shared[(2, *key[1:])]
 
     def _mask_inputs(self, g: ir.Graph, f: _Fusable) -> tuple[ir.Value, ir.Value, ir.Value]:

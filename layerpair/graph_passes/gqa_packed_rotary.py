@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
@@ -17,8 +16,8 @@ from layerpair.graph_passes.base import (
     consumers_of,
     node,
     producer,
-    small_initializer,
 )
+from layerpair.graph_passes.fuse_gqa import rope_table
 
 MS_DOMAIN = "com.microsoft"
 #: GroupQueryAttention's inputs by position (onnxruntime contrib op schema).
@@ -158,16 +157,8 @@ class PackedRotaryGqaPass(RewritePass[_Site]):
         key = (id(total), id(inv_freq))
         if key not in self._caches:
             p = f"gqa_rope_{len(self._caches)}"
-            zero = small_initializer(g, f"{p}.zero", np.array(0, np.int64))
-            one = small_initializer(g, f"{p}.one", np.array(1, np.int64))
-            last = small_initializer(g, f"{p}.last", np.array([-1], np.int64))
-            nodes = [node("Cast", [total], f"{p}/T", to=ir.DataType.INT64)]
-            nodes.append(node("Range", [zero, nodes[-1].outputs[0], one], f"{p}/index"))
-            nodes.append(node("Cast", [nodes[-1].outputs[0]], f"{p}/index_f", to=ir.DataType.FLOAT))
-            nodes.append(node("Unsqueeze", [nodes[-1].outputs[0], last], f"{p}/index_col"))
-            nodes.append(node("Mul", [nodes[-1].outputs[0], inv_freq], f"{p}/angles"))
-            angles = nodes[-1].outputs[0]
-            nodes += [node("Cos", [angles], f"{p}/cos"), node("Sin", [angles], f"{p}/sin")]
+            count = node("Cast", [total], f"{p}/T", to=ir.DataType.INT64)
+            nodes = [count, *rope_table(g, count.outputs[0], inv_freq, p)]
             g.extend(nodes)
             self._caches[key] = (nodes[-2].outputs[0], nodes[-1].outputs[0])
         return self._caches[key]
