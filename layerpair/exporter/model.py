@@ -23,6 +23,7 @@ later step through ``0 * NaN``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,28 @@ from layerpair.iospec import IOSpec
 
 # The one dtype table: graph dtype name -> torch dtype (every other module reads it from here).
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# The float ops ATen hands to MKL's vector math library (VML) on x86 (ATen/cpu/vml.h, IMPLEMENT_VML_MKL).
+VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt",
+            "tan", "tanh", "trunc")  # fmt: skip
+
+
+@functools.cache
+def resolve_vml_dispatch() -> None:
+    """Call each VML op once on one element, in this thread alone, before any real (multi-threaded) call.
+
+    oneMKL 2024.2 (bundled in the torch 2.13 wheel) resolves each VML function's kernel on its first call. When
+    that first call runs on several intra-op threads at once, one thread can run the low-accuracy kernel for its
+    whole chunk of that call (pytorch/pytorch#188792; ~1000 ulp). A fresh export's first forward is such a call:
+    cos/sin of [1,43,64] rotary angles split over 2 threads (grain 2048), so positions 22..42 got cos/sin off by
+    ~6e-5 relative, keys off by 1.7e-3, and the reference itself failed validation (seen once in CI, under load).
+    A one-element call is never split, and afterwards every call dispatches to the accurate kernel. Once per
+    process; costs microseconds.
+    """
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype, device="cpu")  # real even under a meta device context
+        for name in VML_OPS:
+            getattr(torch, name)(x)
 
 
 class RMSNorm(nn.Module):
@@ -197,6 +220,7 @@ class StepContext:
 class Decoder(nn.Module):
     def __init__(self, arch: ArchSpec, pairs: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__()
+        resolve_vml_dispatch()  # before this process's first multi-threaded cos/sin (see there)
         self.arch = arch
         self.pairs = tuple(pairs)
         self.io = IOSpec.for_model(arch, self.pairs, merged=False)

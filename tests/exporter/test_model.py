@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -86,3 +88,25 @@ def test_pair_semantics_by_hand() -> None:
         assert (out[0] - seq(ids, mask, pos, *seq.empty_past(1))[0]).abs().max().item() > 1e-3
     # Each branch keeps its own cache slot, in original layer order: 4 layers -> 8 presents.
     assert len(out) == 1 + 2 * arch.num_layers
+
+
+def test_decoder_resolves_mkl_vml_dispatch_first_on_real_single_elements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a Decoder — even a meta-device skeleton — first calls every op ATen sends to MKL's VML, on one real
+    CPU element (never split across threads), so no later multi-threaded first call can race MKL's dispatch
+    (pytorch/pytorch#188792); once per process."""
+    from layerpair.exporter import model
+
+    arch = ArchSpec.from_hf_config(tiny_model("llama").config)
+    seen: list[tuple[str, str, int, str]] = []
+
+    def recorder(name: str) -> Any:
+        real = getattr(torch, name)
+        return lambda x: (seen.append((name, x.device.type, x.numel(), str(x.dtype))), real(x))[1]
+
+    for name in model.VML_OPS:
+        monkeypatch.setattr(torch, name, recorder(name))
+    model.resolve_vml_dispatch.cache_clear()
+    Decoder.skeleton(arch)
+    Decoder.skeleton(arch)
+    assert sorted(seen) == sorted((n, "cpu", 1, dt) for n in model.VML_OPS for dt in ("torch.float32", "torch.float64"))
+    assert {"cos", "sin", "exp", "sqrt"} <= {n for n, *_ in seen}

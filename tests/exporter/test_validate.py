@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from layerpair.arch import ArchSpec
+from layerpair.errors import ValidationError
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import export_onnx
 from layerpair.exporter.precision import within_dtype_tolerance
@@ -241,3 +242,41 @@ def test_cache_at_masked_positions_is_not_compared_the_rest_is() -> None:
     b = Agreement()
     b.update_present(ours, ref, "padded", kept_BT=kept, key_rows=np.array([True, False]))  # row 1's keys skipped
     assert b.present_max_abs == 0.0 and b.keys_not_compared == 1
+
+
+def test_reference_that_agrees_with_its_repeat_is_recorded_once(tiny_onnx: tuple[Decoder, Path]) -> None:
+    dec, _ = tiny_onnx
+    said: list[str] = []
+    rec = record_reference(TorchRunner(dec), dec.io, None, said.append, check_repeat=True)
+    assert rec.repeat == {"first_forward_vs_repeat": 0.0, "recorded": 1} and not said
+
+
+@pytest.mark.parametrize("value", [1e-2, math.nan])
+def test_reference_whose_first_forward_is_off_is_recorded_again(tiny_onnx: tuple[Decoder, Path], value: float) -> None:
+    """A first forward off by 1e-2 in one logit (or NaN there) — as a first-call MKL race left it once — is caught
+    by the repeat, said, and replaced: the recording then equals a clean one."""
+    dec, _ = tiny_onnx
+    said: list[str] = []
+    rec = record_reference(Poisoned(TorchRunner(dec), 1, value), dec.io, None, said.append, check_repeat=True)
+    assert rec.repeat is not None and rec.repeat["recorded"] == 2 and rec.repeat["second_recording_vs_repeat"] == 0.0
+    assert not rec.repeat["first_forward_vs_repeat"] <= 1e-5 and "recording the reference again" in said[0]
+    clean = record_reference(TorchRunner(dec), dec.io)
+    assert all(np.array_equal(a[3], b[3]) for a, b in zip(rec.calls, clean.calls, strict=True))
+
+
+def test_reference_that_never_reproduces_fails_loudly(tiny_onnx: tuple[Decoder, Path]) -> None:
+    dec, _ = tiny_onnx
+
+    class Drifting(Runner):
+        def __init__(self) -> None:
+            self.inner, self.n = TorchRunner(dec), 0
+
+        def step(
+            self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]
+        ) -> tuple[np.ndarray, list[np.ndarray]]:
+            logits, presents = self.inner.step(ids, mask, pos, past)
+            self.n += 1
+            return logits + 1e-3 * self.n, presents
+
+    with pytest.raises(ValidationError, match="does not reproduce itself"):
+        record_reference(Drifting(), dec.io, None, check_repeat=True)
