@@ -14,6 +14,7 @@ from layerpair.graph_passes.base import FIRED, CountingPass, GraphPassError, flo
 from layerpair.graph_passes.cleanup import CleanupPass
 from layerpair.graph_passes.fold_norm_scales import FoldNormScalesPass
 from layerpair.graph_passes.merge_attention import MergeAttentionPass
+from layerpair.graph_passes.merge_gated_mlp import MergeGatedMLPPass
 from layerpair.graph_passes.merge_reducing_matmuls import MergeReducingMatMulsPass
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
 from layerpair.graph_passes.share_norm import ShareRMSNormPass
@@ -28,14 +29,16 @@ REMOVED_KEYS = ("folded_norm_scales", "summed_biases", "deduplicated")
 
 
 def pair_passes(arch: ArchSpec, pairs: Sequence[tuple[int, int]], cleanup: bool = True) -> list[CountingPass]:
-    """The pair-merge pipeline, in order. Sibling merging is scoped to the activations the pairs share."""
+    """The pair-merge pipeline, in order. Sibling merging is scoped to the activations the pairs share, and runs
+    last: the Concats the attention and gated-MLP merges leave become its contiguous weight runs."""
     fold = FoldNormScalesPass(shared_only=True)
     passes: list[CountingPass] = [
         ShareRMSNormPass(),
         fold,
         MergeAttentionPass(arch, pairs),
-        MergeSiblingMatMulsPass(scope=fold.activations),
         MergeReducingMatMulsPass(),
+        MergeGatedMLPPass(),
+        MergeSiblingMatMulsPass(scope=fold.activations),
     ]
     if cleanup:
         passes.append(CleanupPass())

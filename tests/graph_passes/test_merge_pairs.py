@@ -71,6 +71,7 @@ def test_merged_pair_is_one_wide_layer(arch: str, tiny_pair_exports: dict[str, T
     # whole graph = 2 single layers + the pair + the final norm
     assert after["ReduceMean"] == 2 * norms_per_layer + norms_per_layer + 1
     assert after["Softmax"] == 3 and after["Neg"] == 2 * 2 + 2  # rotary once on the wide q and k
+    assert after["Sigmoid"] == 3  # one SwiGLU over the pair's concatenated gate and up (merge_gated_mlp)
     h, i, q, kv = a.hidden_size, a.intermediate_size, a.q_dim, a.kv_dim
     weights = Counter(
         tuple(n.inputs[1].const_value.shape)
@@ -85,8 +86,9 @@ def test_merged_pair_is_one_wide_layer(arch: str, tiny_pair_exports: dict[str, T
         "share_rmsnorm": 2,  # the exporter writes each branch's norm of the shared input; now one per sub-layer
         "fold_norm_scales": 4,
         "merge_attention": 1,
-        "merge_sibling_matmuls": 2,
         "merge_reducing_matmuls": 2,
+        "merge_gated_mlp": 1,
+        "merge_sibling_matmuls": 2,
         "cleanup": report["passes"]["cleanup"],
     }
 
