@@ -181,3 +181,22 @@ def test_cli_target_ort_exports_a_validated_fused_graph(
     assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == (3 if merged else 4)
     for case in ("prefill", "decode", "chunked", "padded"):
         assert report["agreement"][case]["max_abs"] <= 1e-5  # tiny model: 1e-7-level
+
+
+@pytest.mark.parametrize(("arch", "padding_only"), [("llama", True), ("mistral", False)])
+def test_bias_is_padding_only_unless_a_window_needs_the_mask(
+    arch: str, padding_only: bool, tiny_pair_exports: dict[str, TinyExport]
+) -> None:
+    """Without sliding windows the bias is the padding alone (causal=1 does the rest) and the exporter's causal chain
+    is gone; the tiny Mistral's window (6) keeps the whole keep mask as the bias. Both match the unfused graph
+    (``test_fires_on_every_layer_and_pair_and_matches_unfused``)."""
+    _, fused, _, _ = _ort(tiny_pair_exports[arch], merged=True)
+    ops = Counter(n.op_type for n in fused.graph)
+    gqa = [n for n in fused.graph if n.op_type == "GroupQueryAttention"]
+    biases = {id(n.inputs[10]) for n in gqa}
+    assert len(biases) == 1  # one bias for every attention
+    where = gqa[0].inputs[10].producer()
+    assert where is not None and where.op_type == "Where"
+    cond = where.inputs[0].producer()
+    assert cond is not None and cond.op_type == ("Unsqueeze" if padding_only else "And")
+    assert (ops["LessOrEqual"] == 0) is padding_only
