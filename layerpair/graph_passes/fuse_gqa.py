@@ -204,9 +204,12 @@ class FuseGroupQueryAttentionPass(RewritePass[_Candidate]):
         self.slot_outcomes: dict[str, str] = {}
         self._shared: dict[tuple[int, ...], ir.Value] = {}
         self._nodes: list[ir.Node] = []
+        #: names of the activations the fused attentions' own q/k/v MatMuls read (a merged pair's are one wide
+        #: MatMul already): what ``to_ort`` packs into one QKV MatMul, and nothing else.
+        self.attention_inputs: set[str] = set()
 
     def start(self, model: ir.Model) -> None:
-        self.slot_outcomes, self._shared = {}, {}
+        self.slot_outcomes, self._shared, self.attention_inputs = {}, {}, set()
 
     def pattern(self, model: ir.Model) -> Iterator[_Candidate]:
         inputs = {v.name: v for v in model.graph.inputs}
@@ -254,6 +257,9 @@ class FuseGroupQueryAttentionPass(RewritePass[_Candidate]):
         replace_value(g, f.present_k, present_k)
         replace_value(g, f.present_v, present_v)
         self.slot_outcomes[candidate.slot.tag] = FIRED
+        x = _projection_input(f.v_BSE)
+        if x is not None and x.name:
+            self.attention_inputs.add(x.name)
 
     def finish(self, model: ir.Model) -> None:
         """The replaced attentions (and the shared cos/sin and masks they alone read) are dead: remove them."""
@@ -347,3 +353,12 @@ def padding_only(keep_B1ST: ir.Value, attention_mask: ir.Value) -> ir.Value | No
         if cast.inputs[0] is attention_mask and attr_int(cast, "to", 0) == ir.DataType.BOOL:
             return pad
     return None
+
+
+def _projection_input(v: ir.Value) -> ir.Value | None:
+    """``x`` of ``v = x @ W`` or ``v = x @ W + b``; None when ``v`` is not a projection's own output."""
+    mm = producer(v, "MatMul")
+    add = producer(v, "Add")
+    if mm is None and add is not None:  # a biased projection (Qwen2): x @ W + b, either operand order
+        mm = next((m for m in (producer(i, "MatMul") for i in add.inputs) if m is not None), None)
+    return mm.inputs[0] if mm is not None else None

@@ -6,8 +6,10 @@ in order:
 1. ``FuseGroupQueryAttentionPass`` (``fuse_gqa.py``): every cache slot's attention — each single layer's and each
    merged pair's wide one (2H / 2·KVH heads) — becomes ``RotaryEmbedding`` x2 + ``GroupQueryAttention``. All or
    nothing: a slot it leaves alone fails the export (``GraphPassError``) with the pass's reason.
-2. ``MergeSiblingMatMulsPass`` over the whole graph (no scope): each layer's q/k/v projections become one packed
-   QKV MatMul and its gate/up projections one MatMul (a merged pair's already are), as the genai builder packs QKV.
+2. ``MergeSiblingMatMulsPass`` on the fused attentions' inputs: each single layer's q/k/v projections become one
+   packed QKV MatMul (a merged pair's already are), as the genai builder packs QKV; gate and up stay apart, and a
+   merged pair's packed gate/up is split back into two MatMuls (``UnpackGatedMatMulPass``,
+   ``unpack_gated_matmul.py``): the genai builder's layout, faster on ONNX Runtime's CPU MatMul (no Split).
 2b. ``PackedRotaryGqaPass`` (``gqa_packed_rotary.py``): GQA reads that packed QKV and rotates q and k itself at
    cache-index positions (Split and both RotaryEmbeddings gone), on every attention or on none. ``rotary``:
    "auto" (the default) does so where every attention allows it (not Qwen3: its per-head q/k norm sits between)
@@ -42,6 +44,7 @@ from layerpair.graph_passes.fuse_gqa import FuseGroupQueryAttentionPass
 from layerpair.graph_passes.gqa_packed_rotary import PackedRotaryGqaPass, check_site
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
 from layerpair.graph_passes.scale_unit_norms import ScaleUnitNormsPass
+from layerpair.graph_passes.unpack_gated_matmul import UnpackGatedMatMulPass
 from layerpair.graph_passes.untie_head import UntieHeadPass
 from layerpair.graph_passes.unused_norm_outputs import DropUnusedNormStatsPass
 from layerpair.iospec import IOSpec
@@ -99,8 +102,10 @@ def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto", untie: bool = Tr
             + "; ".join(f"slot {tag}: {why}" for tag, why in missed.items()),
             "export without --target ort (the portable graph runs on ONNX Runtime too) and report this model",
         )
-    packed = MergeSiblingMatMulsPass()  # after the attention fusion: GQA reads the q/k/v pieces of the split
+    packed = MergeSiblingMatMulsPass(scope=gqa.attention_inputs)  # q/k/v only: GQA reads the pieces of the split
     packed(model)
+    unpacked = UnpackGatedMatMulPass()  # a merged pair's gate/up: two MatMuls again, as a single layer's
+    unpacked(model)
     rotated, why_not = _pack_rotary(model, spec, rotary)
     head = UntieHeadPass()
     if untie:  # not before --quant: its own untie_head quantizes the copy (or keeps the Gemm for --quant-fp32-head)
@@ -121,6 +126,7 @@ def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto", untie: bool = Tr
         "target": "ort",
         "attention_fused": {"layers": len(spec.slots) - pairs, "pairs": pairs, "slots": gqa.fired},
         "packed_matmuls": packed.fired,
+        "gated_matmuls_unpacked": unpacked.fired,
         "rotary": {"mode": rotary, "positions": "cache_index" if rotated else "position_ids", "in_gqa": rotated}
         | ({"why_separate": why_not} if why_not else {}),
         "scaled_unit_norms": ones.fired,

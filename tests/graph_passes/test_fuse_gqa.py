@@ -58,7 +58,9 @@ def test_fires_on_every_layer_and_pair_and_matches_unfused(
     unfused, fused, spec, report = _ort(ex, merged, rotary)
     pairs = 1 if merged else 0
     assert report["attention_fused"] == {"layers": 4 - 2 * pairs, "pairs": pairs, "slots": 4 - pairs}
-    assert report["packed_matmuls"] == 2 * (4 - 2 * pairs)  # q/k/v and gate/up of each single layer
+    assert report["packed_matmuls"] == 4 - 2 * pairs  # q/k/v of each single layer; gate/up stay apart
+    assert report["gated_matmuls_unpacked"] == pairs  # a merged pair's gate/up: two MatMuls again
+    assert not any(n.op_type == "Split" for n in fused.graph if "mlp" in str(n.name))
     in_gqa = len(spec.slots) if rotary == "gqa" else 0
     positions = "cache_index" if in_gqa else "position_ids"
     assert {k: v for k, v in report["rotary"].items() if k != "why_separate"} == {
