@@ -5,14 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import onnx_ir as ir
 import pytest
 
 from layerpair.arch import ArchSpec
 from layerpair.exporter.model import Decoder
 from layerpair.exporter.onnx_export import export_onnx
+from layerpair.exporter.validate import OrtRunner
+from layerpair.iospec import IOSpec
 from tests.conftest import ARCHS, tiny_model
 
 PAIR = (1, 2)
+
+
+def prefill_logits(model: ir.Model, spec: IOSpec) -> np.ndarray:
+    """Logits [1,6,V] of a 6-token prefill on an empty cache, one ONNX Runtime thread (a rewrite's before/after)."""
+    ids = np.array([[3, 1, 4, 1, 5, 9]], np.int64)
+    past = [np.zeros((1, s.num_kv_heads, 0, spec.arch.head_dim), np.float32) for s in spec.slots for _ in (0, 1)]
+    return OrtRunner(model, spec, threads=1).step(ids, np.ones_like(ids), np.arange(6)[None], past)[0]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from layerpair.exporter.validate import OrtRunner
 from layerpair.graph_passes.base import CountingPass
 from layerpair.graph_passes.cleanup import CleanupPass
 from layerpair.graph_passes.fold_norm_scales import FoldNormScalesPass
@@ -19,13 +18,8 @@ from layerpair.graph_passes.merge_reducing_matmuls import MergeReducingMatMulsPa
 from layerpair.graph_passes.merge_sibling_matmuls import MergeSiblingMatMulsPass
 from layerpair.graph_passes.share_norm import ShareRMSNormPass
 from layerpair.iospec import IOSpec
-from tests.graph_passes.conftest import PAIR, TinyExport
-
-
-def _logits(model: ir.Model, spec: IOSpec) -> np.ndarray:
-    ids = np.array([[3, 1, 4, 1, 5, 9]], np.int64)
-    past = [np.zeros((1, s.num_kv_heads, 0, spec.arch.head_dim), np.float32) for s in spec.slots for _ in (0, 1)]
-    return OrtRunner(model, spec, threads=1).step(ids, np.ones_like(ids), np.arange(6)[None], past)[0]
+from tests.graph_passes.conftest import PAIR, TinyExport, prefill_logits
+from tests.graph_passes.graphs import run
 
 
 def _without_gated_merge(ex: TinyExport) -> ir.Model:
@@ -49,7 +43,7 @@ def test_one_swiglu_per_pair_same_logits_bit_for_bit(tiny_pair_exports: dict[str
     assert len(ops_old) - len(ops_new) == 4 and ops_new.count("Sigmoid") == 3 and ops_old.count("Sigmoid") == 4
     splits = [len(n.outputs) for n in new.graph if n.op_type == "Split" and "mlp" in str(n.name)]
     assert splits == [2]  # G and U of the wide gate/up MatMul, no Concat before the stacked down projection
-    assert np.array_equal(_logits(new, spec), _logits(old, spec))
+    assert np.array_equal(prefill_logits(new, spec), prefill_logits(old, spec))
 
 
 def _gated(share_x: bool = True, axis: int = -1, act: str = "Sigmoid", gate_out: bool = False) -> ir.Model:
@@ -80,12 +74,9 @@ def _gated(share_x: bool = True, axis: int = -1, act: str = "Sigmoid", gate_out:
 
 
 def _run(model: ir.Model) -> np.ndarray:
-    import onnxruntime as ort
-
-    proto = ir.serde.serialize_model(model)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.linspace(-2, 2, 8, dtype=np.float32).reshape(1, 2, 4) for i in sess.get_inputs()}
-    return sess.run(["y"], feeds)[0]
+    """Output ``y`` (the graph's first) with every input fed the same [1,2,4] ramp."""
+    x = np.linspace(-2, 2, 8, dtype=np.float32).reshape(1, 2, 4)
+    return run(model, {str(v.name): x for v in model.graph.inputs})[0]
 
 
 def test_fires_on_the_hand_built_form_and_keeps_the_function() -> None:

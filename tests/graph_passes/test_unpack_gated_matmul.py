@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from layerpair.graph_passes.unpack_gated_matmul import UnpackGatedMatMulPass
+from tests.graph_passes.graphs import run
 
 
 def _packed(gated: bool = True, axis: int = -1, extra_reader: bool = False) -> ir.Model:
@@ -45,9 +45,7 @@ def _packed(gated: bool = True, axis: int = -1, extra_reader: bool = False) -> i
 
 
 def _run(model: ir.Model) -> np.ndarray:
-    proto = ir.serde.serialize_model(model).SerializeToString()
-    sess = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
-    return sess.run(["y"], {"x": np.linspace(-2, 2, 8, dtype=np.float32).reshape(1, 2, 4)})[0]
+    return run(model, {"x": np.linspace(-2, 2, 8, dtype=np.float32).reshape(1, 2, 4)})[0]
 
 
 def test_unpacks_gate_and_up_and_keeps_the_outputs() -> None:
