@@ -218,11 +218,12 @@ def _quant_lines(report: dict) -> list[str]:
     if not rq:
         return []
     val, tol = rq["validation"], rq["tolerance"]
+    untied = report.get("ort_target", {}).get("lm_head_untied", 0)
     exact = _worst([c["max_abs"] for c in val["accuracy_level_0"].values()])
     lines = [
         f"  --quant int{rq['bits']}: {rq['matmuls_quantized']} MatMuls -> MatMulNBits (block {rq['block_size']}, "
         f"symmetric, accuracy level {rq['accuracy_level']}); tied LM head "
-        f"{'quantized (own copy)' if rq['lm_head_untied'] else 'float32' if rq['gemm_left_float'] else 'n/a'}, "
+        f"{'quantized (own copy)' if untied else 'float32' if rq['gemm_left_float'] else 'n/a'}, "
         "embedding float32",
         f"  quantized vs its own dequantized weights: float32 activations logits max_abs {exact:.2e} "
         f"(<= {tol['float32_activations_max_abs']:g})",

@@ -381,9 +381,7 @@ def quantize_written(
 
     say(f"--quant {opts.quant}: MatMul weights -> MatMulNBits (blocks of {opts.quant_block}, symmetric, "
         f"accuracy level {opts.quant_accuracy}; ONNX Runtime's quantizer)")  # fmt: skip
-    model, facts = quantize(
-        ir.load(str(path)), BITS[str(opts.quant)], opts.quant_block, opts.quant_accuracy, opts.quant_head
-    )
+    model, facts = quantize(ir.load(str(path)), BITS[str(opts.quant)], opts.quant_block, opts.quant_accuracy)
     ref = OrtRunner(dequantized(model), spec)
     checks: dict[str, Any] = {}
     for level in sorted({0, opts.quant_accuracy}):
@@ -424,7 +422,8 @@ def for_target(
     from layerpair.graph_passes.ort_target import to_ort
 
     say("--target ort: fusing attention (GroupQueryAttention), rotary and norms into ONNX Runtime contrib ops")
-    model, rep = to_ort(model, spec, opts.ort_rotary, untie=opts.quant is None)  # --quant unties its own way
+    # a tied head gets its own MatMul (which --quant then quantizes) unless --quant-fp32-head keeps the fp32 Gemm
+    model, rep = to_ort(model, spec, opts.ort_rotary, untie=opts.quant is None or opts.quant_head)
     fused, rot = rep["attention_fused"], rep["rotary"]
     how = (
         " (GroupQueryAttention rotates packed QKV; --ort-rotary separate honours position_ids as given)"

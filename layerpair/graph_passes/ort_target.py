@@ -15,8 +15,8 @@ in order:
    "auto" (the default) does so where every attention allows it (not Qwen3: its per-head q/k norm sits between)
    and otherwise keeps the RotaryEmbeddings, saying why; "gqa" fails instead; "separate" keeps them (they read
    ``position_ids`` as given).
-2c. ``UntieHeadPass`` (``untie_head.py``; ``untie=True``, not before ``--quant``): a tied LM head's Gemm on the
-   embedding becomes a MatMul on its own transposed copy (+V*E*4 bytes on disk).
+2c. ``UntieHeadPass`` (``untie_head.py``; ``untie=True``, not for ``--quant-fp32-head``): a tied LM head's Gemm on
+   the embedding becomes a MatMul on its own transposed copy (+V*E*4 bytes on disk; ``--quant`` quantizes it).
 3. ``ScaleUnitNormsPass``: a merged pair's unit-scale norms get an all-ones scale, so that step 4 matches them.
 4. ``OrtFusionPass``: onnxscript's ``optimize_for_ort`` on what is left — RMSNorm into
    ``SimplifiedLayerNormalization``, residual + RMSNorm into ``SkipSimplifiedLayerNormalization`` (its own attention
@@ -87,7 +87,7 @@ class OrtFusionPass(CountingPass):
 def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto", untie: bool = True) -> tuple[ir.Model, dict[str, Any]]:
     """Rewrite ``model`` (in place) for ONNX Runtime; the report's ``ort_target`` section.
 
-    ``rotary``: "auto" | "gqa" | "separate" (step 2b); ``untie``: step 2c (False before ``--quant``).
+    ``rotary``: "auto" | "gqa" | "separate" (step 2b); ``untie``: step 2c (False for ``--quant-fp32-head``).
     Raises ``GraphPassError`` naming each cache slot whose attention was not fused, and why, or when the I/O
     changed. ``attention_fused``: how many single layers and merged pairs now run ``GroupQueryAttention``."""
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def to_ort(model: ir.Model, spec: IOSpec, rotary: str = "auto", untie: bool = Tr
     unpacked(model)
     rotated, why_not = _pack_rotary(model, spec, rotary)
     head = UntieHeadPass()
-    if untie:  # not before --quant: its own untie_head quantizes the copy (or keeps the Gemm for --quant-fp32-head)
+    if untie:  # not for --quant-fp32-head: the quantizer leaves a Gemm alone, so the head stays float32
         head(model)
     ones = ScaleUnitNormsPass()
     ones(model)

@@ -16,9 +16,9 @@ in tests/graph_passes/test_quantize.py)::
 Invariant: ``dequantized(quantize(m))`` is an fp32 graph with m's structure whose weights are exactly the rounded
 ones, so the quantized graph at accuracy level 0 (float32 activations) must agree with it to float32 summation
 order: that is the exactness check of a quantized export; what the rounding costs is measured by perplexity
-(``layerpair-export eval --onnx``). A tied LM head (a Gemm reading the embedding transposed) gets its own
-transposed copy first (``untie_head``) so that it is quantized too, as the genai builder does — unless
-``head=False``; the token embedding (Gather) stays float32 (the quantizer handles MatMul only).
+(``layerpair-export eval --onnx``). A tied LM head is quantized when ``to_ort`` has given it its own transposed
+copy (``UntieHeadPass``, as the genai builder does); with ``--quant-fp32-head`` it stays the float32 Gemm on the
+embedding, which the quantizer (MatMul only) leaves alone, as it does the token embedding's Gather.
 """
 
 from __future__ import annotations
@@ -88,33 +88,11 @@ def _to_matmul(graph: ir.Graph, node: ir.Node, w_KN: np.ndarray, w_name: str) ->
     mm.outputs[0].name = name
 
 
-def untie_head(model: ir.Model) -> int:
-    """Each ``Gemm(x, W, transB=1)`` on a constant ``W`` (a tied LM head reading the embedding [V, E]) becomes
-    ``MatMul(x, W^T)`` on its own transposed copy [E, V], so the quantizer (MatMul only) can quantize it; the
-    embedding's Gather keeps reading the original. Same function, in place; returns how many were rewritten.
-    Must not fire on a Gemm with alpha/beta != 1, a bias, or transA (none of which the exporter writes)."""
-    count = 0
-    for node in list(model.graph):
-        a = node.attributes
-        w = node.inputs[1] if node.op_type == "Gemm" and len(node.inputs) == 2 else None
-        if w is None or w.const_value is None or a.get_int("transB", 0) != 1 or a.get_int("transA", 0) != 0:
-            continue
-        if a.get_float("alpha", 1.0) != 1.0:
-            continue
-        _to_matmul(model.graph, node, np.ascontiguousarray(w.const_value.numpy().T), f"{w.name}.transposed")
-        count += 1
-    return count
-
-
-def quantize(
-    model: ir.Model, bits: int, block: int, accuracy_level: int, head: bool = True
-) -> tuple[ir.Model, dict[str, Any]]:
+def quantize(model: ir.Model, bits: int, block: int, accuracy_level: int) -> tuple[ir.Model, dict[str, Any]]:
     """``model`` with every MatMul on a constant weight replaced by MatMulNBits: a new model, held in memory.
-    ``head``: a tied LM head is quantized too (``untie_head``, as the genai builder does), else it stays fp32.
-    ``model`` itself is consumed: its external-data tensors are read into memory and its head untied."""
+    ``model`` itself is consumed: its external-data tensors are read into memory."""
     MatMulNBitsQuantizer = _quantizer_class()
     ir.external_data.load_to_model(model)
-    untied = untie_head(model) if head else 0
     before = sum(1 for n in model.graph if n.op_type == "MatMul")
     q = MatMulNBitsQuantizer(
         ir.serde.serialize_model(model),
@@ -132,7 +110,6 @@ def quantize(
         "block_size": block,
         "symmetric": True,
         "accuracy_level": accuracy_level,
-        "lm_head_untied": untied,  # tied LM heads given their own (quantized) copy
         "matmuls_quantized": ops.count(NBITS),
         "matmuls_left_float": ops.count("MatMul"),  # activation x activation (attention) and any the quantizer skipped
         "matmuls_before": before,

@@ -63,8 +63,9 @@ class UntieHeadPass(RewritePass[_Head]):
     Cost: the table is stored twice (+V*E*4 bytes: 113 MB for SmolLM2, 2.1 GB for Llama-3-8B's vocabulary).
 
     Must not fire when: the Gemm has a bias, alpha != 1, transA, or no transB; the matrix is not a float32
-    constant; the Gemm is not between the exporter's two Reshapes; ``--quant`` follows (its own ``untie_head``
-    quantizes the copy or keeps the Gemm, so ``to_ort`` does not run this then).
+    constant; the Gemm is not between the exporter's two Reshapes; ``--quant-fp32-head`` (``to_ort`` does not run
+    this then: the quantizer converts MatMuls only, so the Gemm keeps the head float32; with ``--quant`` alone the
+    new MatMul is quantized, as the genai builder's head is).
 
     Invariant: same function, exactly (the same products and sums per logit; SmolLM2: logits bit-identical);
     graph I/O unchanged.
