@@ -215,7 +215,8 @@ def heal_pairs(
                     x_orig = [run_block(dec, (i,), x, c) for x, c in zip(x_orig, ctxs, strict=True)]
             if len(block) == 2:
                 a, b = block
-                fits = _Fits(xs, ctxs, held, damping)
+                ys_a = [run_block(dec, (a,), x, c) for x, c in zip(xs, ctxs, strict=True)]
+                fits = _Fits(xs, ctxs, held, damping, ys_a)
                 _heal_pair(dec, a, b, new, fits, x_orig if target == "global" else None, report)
                 done += 1
                 say(f"healed pair {a}-{b} ({done}/{len(pairs)}): {_pair_line(report, f'{a}-{b}')}")
@@ -229,7 +230,7 @@ def _heal_pair(
     """Every fit of pair (a, b) in order, written into ``new[a]``/``new[b]`` and recorded in ``report``."""
     key = f"{a}-{b}"
     if report.refit_inputs is not None:
-        report.input_damping[key] = _refit_qkv(dec, a, b, new[b], fits)
+        report.input_damping[key] = _refit_qkv(dec, b, new[b], fits)
     ctx_ab, d_attn, report.attn_rel_err[key] = _refit_o_proj(dec, a, b, new[a], new[b], fits)
     if report.refit_inputs is not None:
         report.input_damping[key] |= _refit_gate_up(dec, a, b, new, fits, ctx_ab, "a" in report.refit_inputs)
@@ -268,12 +269,14 @@ def _chunks(windows: Tensor, batch: int, hold_out: bool) -> tuple[list[Tensor], 
 
 @dataclass
 class _Fits:
-    """What both fits of a pair read: the LP stream and masks per batch, which batches are held out, the damping."""
+    """What every fit of a pair reads: the LP stream and masks per batch, which batches are held out, the damping,
+    and the original layer a on each batch of the LP stream (the sequential pair's ``y1``, computed once)."""
 
     xs: list[Tensor]
     ctxs: list[WindowContext]
     held: list[bool]
     damping: float | None
+    ys_a: list[Tensor]
 
     def normals(self) -> tuple[Normal, Normal]:
         return Normal(), Normal()
@@ -299,10 +302,9 @@ def _refit_o_proj(
     la, lb = orig[a], orig[b]
     fit, held = fits.normals()
     feats: list[tuple[Tensor, Tensor]] = []
-    for x, c, is_held in zip(fits.xs, fits.ctxs, fits.held, strict=True):
+    for x, y1, c, is_held in zip(fits.xs, fits.ys_a, fits.ctxs, fits.held, strict=True):
         ca = attn_ctx(na, na.input_layernorm(x), c, dec.arch.window(a))
         cb = attn_ctx(nb, nb.input_layernorm(x), c, dec.arch.window(b))
-        y1 = run_block(dec, (a,), x, c)
         seq_attn = attention(la, x, c, dec.arch.window(a)) + attention(lb, y1, c, dec.arch.window(b))
         (held if is_held else fit).add(torch.cat([ca, cb], -1), seq_attn - o_bias(na) - o_bias(nb))
         feats.append((ca, cb))
@@ -329,11 +331,11 @@ def _refit_projections(
     return out
 
 
-def _refit_qkv(dec: Decoder, a: int, b: int, nb: Layer, fits: _Fits) -> dict[str, float]:
+def _refit_qkv(dec: Decoder, b: int, nb: Layer, fits: _Fits) -> dict[str, float]:
     """Layer b's q/k/v on ``N_b(x)`` toward their sequential pre-activations on ``N_b(y1)``."""
     lb: Any = dec.layers[b]
     xs_new = [nb.input_layernorm(x) for x in fits.xs]
-    xs_seq = [lb.input_layernorm(run_block(dec, (a,), x, c)) for x, c in zip(fits.xs, fits.ctxs, strict=True)]
+    xs_seq = [lb.input_layernorm(y1) for y1 in fits.ys_a]
     return _refit_projections(nb.self_attn, ("q_proj", "k_proj", "v_proj"), xs_new, xs_seq, fits, "b")
 
 
@@ -346,8 +348,7 @@ def _refit_gate_up(
     na, nb, w = new[a], new[b], dec.arch.window
     hs = [_post_attention(x, ca, cb, na, nb) for x, (ca, cb) in zip(fits.xs, feats, strict=True)]
     seq_b, seq_a = [], []
-    for x, c in zip(fits.xs, fits.ctxs, strict=True):
-        y1 = run_block(dec, (a,), x, c)
+    for x, y1, c in zip(fits.xs, fits.ys_a, fits.ctxs, strict=True):
         seq_b.append(orig[b].post_attention_layernorm(y1 + attention(orig[b], y1, c, w(b))))
         if also_a:
             seq_a.append(orig[a].post_attention_layernorm(x + attention(orig[a], x, c, w(a))))
@@ -377,9 +378,9 @@ def _refit_down_proj(
     biases taken out), written into ``na``/``nb``. The target is the sequential pair on the same input, or with
     ``global_targets`` the original model's stream after layer b. Returns (damping used, rel err before, after)."""
     fit, held = fits.normals()
-    for k, (x, c, is_held) in enumerate(zip(fits.xs, fits.ctxs, fits.held, strict=True)):
+    for k, (x, y1, c, is_held) in enumerate(zip(fits.xs, fits.ys_a, fits.ctxs, fits.held, strict=True)):
         h = _post_attention(x, *feats[k], na, nb)
-        tgt = run_block(dec, (b,), run_block(dec, (a,), x, c), c) if global_targets is None else global_targets[k]
+        tgt = run_block(dec, (b,), y1, c) if global_targets is None else global_targets[k]
         (held if is_held else fit).add(
             torch.cat([mlp_act(na, h), mlp_act(nb, h)], -1), tgt - h - down_bias(na) - down_bias(nb)
         )
