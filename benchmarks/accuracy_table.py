@@ -126,8 +126,9 @@ def search_pairs(run: Run, depths: list[int]) -> dict[int, tuple[tuple[int, int]
         if a.search_mix:  # issue 15 lever 2 (mixture, mean or worst-source objective): pydoc end + own samples
             gen, _ = generated_windows(run.dec, bos_id(run.tokenizer, run.enc), run.enc, GenSpec(), run.say)
             cal = cal.reshape(-1, gen.shape[1])
-            groups = torch.arange(2 * cal.shape[0]) // cal.shape[0]  # 0: pydoc, 1: generated
-            cal = torch.cat([cal, gen[: cal.shape[0]]])
+            gen = gen[: cal.shape[0]]
+            groups = torch.cat([torch.zeros(cal.shape[0]), torch.ones(gen.shape[0])])  # 0: pydoc, 1: generated
+            cal = torch.cat([cal, gen])
         run.say(f"searching down to depth {min(depths)} on {cal.numel()} tokens ({cal.shape[0]} windows)")
         res = auto_pairs(
             run.dec,
